@@ -1,0 +1,1 @@
+"""FastAGI gateway: talks to Asterisk, collects the customer id, routes the call."""

@@ -1,0 +1,82 @@
+"""Gateway metrics (prefix `callerid_`). Labels: `node` (configured node names) and enums.
+
+Calls for a node id that is not configured are counted under node="unknown", so a caller
+cannot create series by dialling into random node paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.metrics import SLO_BUCKETS, zero_init
+from shared.outcomes import Outcome, Source
+
+UNKNOWN_NODE = "unknown"
+RPC_RESULTS = ("reply", "timeout", "unavailable")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "callerid_calls_total",
+            "Calls that left an identification node, by node, outcome and decision source.",
+            ["node", "outcome", "source"],
+            registry=registry,
+        )
+        self.identification_wait = Histogram(
+            "callerid_identification_wait_seconds",
+            "Gateway wait for an identification decision (caller's last digit to decision).",
+            ["node"],
+            buckets=SLO_BUCKETS,
+            registry=registry,
+        )
+        self.identify_requests = Counter(
+            "callerid_identify_requests_total",
+            "Identification requests sent by the gateway, by node and RPC result.",
+            ["node", "result"],
+            registry=registry,
+        )
+        self.late_replies = Counter(
+            "callerid_late_replies_total",
+            "Replies that arrived after their call had given up, or for no known request.",
+            registry=registry,
+        )
+        self.sessions_live = Gauge(
+            "callerid_agi_sessions_live",
+            "AGI sessions currently open.",
+            registry=registry,
+        )
+        self.sessions_rejected = Counter(
+            "callerid_agi_sessions_rejected_total",
+            "AGI connections refused, by reason (over_capacity, draining, bad_environment).",
+            ["reason"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "callerid_config_reloads_total",
+            "Node configuration loads by result (ok, error); on error the last good set stays.",
+            ["result"],
+            registry=registry,
+        )
+        self.nodes_configured = Gauge(
+            "callerid_nodes_configured",
+            "Identification nodes in the active configuration.",
+            registry=registry,
+        )
+
+    def init_nodes(self, node_names: Iterable[str]) -> None:
+        names = [*node_names, UNKNOWN_NODE]
+        zero_init(
+            self.calls,
+            ((n, o.value, s.value) for n in names for o in Outcome for s in Source),
+        )
+        zero_init(self.identify_requests, ((n, r) for n in names for r in RPC_RESULTS))
+        zero_init(self.config_reloads, (("ok",), ("error",)))
+        zero_init(
+            self.sessions_rejected,
+            (("over_capacity",), ("draining",), ("bad_environment",)),
+        )
+        for name in names:
+            self.identification_wait.labels(name)

@@ -1,0 +1,1 @@
+"""CRM resolvers: answer identification requests from the cache or the CRM."""

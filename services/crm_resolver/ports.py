@@ -1,0 +1,100 @@
+"""Ports of the resolver logic: the CRM client and the cache, with their value types.
+
+Exception tree raised by `CrmClient.lookup` (foreign exceptions — aiohttp, asyncio, json — are
+translated into these at the adapter boundary and chained with `from exc`):
+
+    CrmError                    .code is the ErrorCode sent in the reply
+    ├── CrmTimeout              no complete answer within the time given
+    ├── CrmUnreachable          connection refused/reset, DNS, TLS failure
+    ├── CrmHttpStatus           a non-2xx status
+    ├── CrmStatusFail           a well-formed answer with "status": "fail"
+    ├── CrmCircuitOpen          not attempted: the CRM's circuit breaker is open
+    └── CrmBadResponse          anything unparseable, oversized or not in the protocol
+
+Cache adapters never raise for backend failures: they fail open (a miss) and count it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.destination import Destination
+from shared.nodes import NodeConfig
+from shared.outcomes import ErrorCode, Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class CrmAnswer:
+    """A CRM's usable answer: true, false, or a destination."""
+
+    verdict: Verdict
+    destination: Destination | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdict is Verdict.ERROR:
+            raise ValueError("a CrmAnswer is never an error; raise CrmError instead")
+        if (self.verdict is Verdict.DESTINATION) != (self.destination is not None):
+            raise ValueError("destination is set exactly when verdict is 'destination'")
+
+    @property
+    def positive(self) -> bool:
+        return self.verdict is not Verdict.FALSE
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Facts about the call a CRM may optionally receive (off by default)."""
+
+    caller_number: str = ""
+    call_id: str = ""
+
+
+class CrmError(Exception):
+    code: ErrorCode = ErrorCode.INTERNAL
+
+
+class CrmTimeout(CrmError):
+    code = ErrorCode.CRM_TIMEOUT
+
+
+class CrmUnreachable(CrmError):
+    code = ErrorCode.CRM_UNREACHABLE
+
+
+class CrmHttpStatus(CrmError):
+    code = ErrorCode.CRM_HTTP_STATUS
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"CRM answered HTTP {status}")
+        self.status = status
+
+
+class CrmStatusFail(CrmError):
+    code = ErrorCode.CRM_STATUS_FAIL
+
+
+class CrmCircuitOpen(CrmError):
+    code = ErrorCode.CRM_CIRCUIT_OPEN
+
+
+class CrmBadResponse(CrmError):
+    code = ErrorCode.CRM_BAD_RESPONSE
+
+
+class CrmClient(Protocol):
+    async def lookup(
+        self, node: NodeConfig, customer_id: str, *, budget: float, context: CallContext
+    ) -> CrmAnswer:
+        """Ask the node's CRM about one customer id within `budget` seconds (the caller enforces nothing more)."""
+        ...
+
+
+class Cache(Protocol):
+    async def get(self, node_id: str, customer_id: str) -> CrmAnswer | None:
+        """The cached answer, or None on a miss or any backend failure."""
+        ...
+
+    async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:
+        """Store an answer for `ttl` seconds; backend failures are counted, not raised."""
+        ...

@@ -1,0 +1,183 @@
+"""Identification node configuration: the model, its rules, and start-up error messages.
+
+The model is the single definition of a node's fields, ranges and defaults (DESIGN §4). Loading
+from a YAML file or from OMniLeads' Redis hashes lives in `node_sources`; both build the same
+`NodeConfig` through `build_nodes`, so a bad field produces the same message whichever source
+it came from: the node and the field are named.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared.destination import DEFAULT_ALLOWED_TYPES, Destination
+from shared.outcomes import Interaction
+
+# Asterisk sound names: path segments of letters, digits, '_', '-' and '.', no extension
+# needed. Anything else could not be a file name and could break the AGI quoting.
+_SOUND = re.compile(r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-.]+)*")
+_NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_TERMINATORS = ("#", "*", "")
+
+
+class ConfigError(Exception):
+    """A node configuration cannot be used; the message names the node and the field."""
+
+
+class NodeConfig(BaseModel):
+    """One identification node. Times are in seconds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    name: str = Field(min_length=1, max_length=50)
+    interaction: Interaction = Interaction.NONE
+    url: str | None = None
+    audio: str
+    expected_length: int | None = Field(default=None, ge=1, le=30)
+    timeout: float = Field(default=5, ge=1, le=60)
+    attempts: int = Field(default=1, ge=1, le=20)
+    on_identified: Destination
+    on_not_identified: Destination
+
+    # Beyond OMniLeads.
+    inter_digit_timeout: float = Field(default=3, ge=0.5, le=30)
+    terminator: str = "#"
+    min_length: int = Field(default=1, ge=1, le=30)
+    max_length: int = Field(default=20, ge=1, le=30)
+    pattern: str | None = None
+    invalid_audio: str | None = None
+    confirm: bool = False
+    confirm_audio: str = "callerid-confirm"
+    on_no_input: Destination | None = None
+    on_invalid: Destination | None = None
+    on_error: Destination | None = None
+    crm_timeout: float = Field(default=4, ge=0.1, le=30)
+    hold_music_after: float | None = Field(default=None, ge=0, le=30)
+    hold_music_class: str = "default"
+    allowed_destination_types: frozenset[int] = DEFAULT_ALLOWED_TYPES
+    cache_ttl_positive: float = Field(default=300, ge=0, le=86_400)
+    cache_ttl_negative: float = Field(default=60, ge=0, le=86_400)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_is_word(cls, value: Any) -> str:
+        text = str(value).strip() if isinstance(value, str | int) else value
+        if not isinstance(text, str) or not _NODE_ID.fullmatch(text):
+            raise ValueError("must be 1-64 letters, digits, '_' or '-'")
+        return text
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip()
+        if not re.match(r"https?://[^\s/?#]+", value, re.IGNORECASE):
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("audio", "invalid_audio", "confirm_audio", "hold_music_class")
+    @classmethod
+    def _sound_name(cls, value: str | None) -> str | None:
+        if value is not None and not _SOUND.fullmatch(value):
+            raise ValueError("must be an Asterisk sound name (letters, digits, _ - . /)")
+        return value
+
+    @field_validator("terminator")
+    @classmethod
+    def _terminator(cls, value: str) -> str:
+        if value not in _TERMINATORS:
+            raise ValueError("must be '#', '*' or empty")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.interaction is not Interaction.NONE and self.url is None:
+            raise ValueError(f"url: required for interaction {self.interaction.value}")
+        if self.min_length > self.max_length:
+            raise ValueError("min_length: must not exceed max_length")
+        return self
+
+    @property
+    def max_digits(self) -> int:
+        return self.expected_length or self.max_length
+
+    @property
+    def uses_crm(self) -> bool:
+        return self.interaction is not Interaction.NONE
+
+    def entry_is_valid(self, digits: str) -> bool:
+        """Whether a collected entry may be used (and written to the AGI socket)."""
+        if not digits.isascii() or not digits.isdigit():
+            return False
+        if self.expected_length is not None:
+            if len(digits) != self.expected_length:
+                return False
+        elif not self.min_length <= len(digits) <= self.max_length:
+            return False
+        return self.pattern is None or re.fullmatch(self.pattern, digits) is not None
+
+
+class NodeSet:
+    """An immutable, validated set of nodes keyed by id."""
+
+    def __init__(self, nodes: Iterable[NodeConfig]) -> None:
+        self._by_id: dict[str, NodeConfig] = {}
+        for node in nodes:
+            if node.id in self._by_id:
+                raise ConfigError(f"node {node.id!r}: id: duplicate node id")
+            self._by_id[node.id] = node
+
+    def get(self, node_id: str) -> NodeConfig | None:
+        return self._by_id.get(node_id)
+
+    def __iter__(self) -> Iterator[NodeConfig]:
+        return iter(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def names(self) -> list[str]:
+        return [node.name for node in self._by_id.values()]
+
+
+def build_node(raw: Mapping[str, Any], *, where: str = "") -> NodeConfig:
+    """Validate one raw node; a failure becomes a ConfigError naming node and field."""
+    node_ref = repr(str(raw.get("id", "?")))
+    try:
+        return NodeConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "node"
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{field}: {message}")
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}node {node_ref}: " + "; ".join(problems)) from exc
+
+
+def build_nodes(raws: Iterable[Mapping[str, Any]], *, where: str = "") -> NodeSet:
+    return NodeSet(build_node(raw, where=where) for raw in raws)
