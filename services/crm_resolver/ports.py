@@ -86,7 +86,7 @@ class CrmClient(Protocol):
     async def lookup(
         self, node: NodeConfig, customer_id: str, *, budget: float, context: CallContext
     ) -> CrmAnswer:
-        """Ask the node's CRM about one customer id within `budget` seconds (the caller enforces nothing more)."""
+        """Ask the node's CRM about one customer id within `budget` seconds (enforced here)."""
         ...
 
 
