@@ -11,12 +11,13 @@ translated into these at the adapter boundary and chained with `from exc`):
     ├── CrmCircuitOpen          not attempted: the CRM's circuit breaker is open
     └── CrmBadResponse          anything unparseable, oversized or not in the protocol
 
-Cache adapters never raise for backend failures: they fail open (a miss) and count it.
+Cache adapters never raise for backend failures: they fail open (CacheMiss.ERROR).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from shared.destination import Destination
@@ -90,9 +91,20 @@ class CrmClient(Protocol):
         ...
 
 
+class CacheMiss(Enum):
+    """Why a cache read has no answer; the value is the `cache_lookups` result label.
+
+    A miss and a broken backend look the same to the call (no answer) but not to the
+    operator, and a sentinel keeps the hot path free of allocations.
+    """
+
+    MISS = "miss"
+    ERROR = "error"
+
+
 class Cache(Protocol):
-    async def get(self, node_id: str, customer_id: str) -> CrmAnswer | None:
-        """The cached answer, or None on a miss or any backend failure."""
+    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
+        """The cached answer, MISS, or ERROR when the backend failed (never raises)."""
         ...
 
     async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:

@@ -1,0 +1,211 @@
+"""The Redis answer cache shared by all resolvers (DESIGN §7).
+
+What belongs here: key and value formats, the Redis calls, and failing open. What does not:
+what to cache and for how long (the resolver decides; `put` is told the TTL).
+
+Keys: f"{key_prefix}{node_id}:{sha256(pepper + customer_id)}" (hex). The customer id never
+appears in a key. Without a pepper the hash only keeps ids out of plain sight: customer ids
+are short digit strings, so anyone who can read the keys can find an id by hashing
+candidates. A secret pepper (from settings, never from a message) makes that impossible;
+changing it orphans the old entries, which then just expire.
+
+Values: compact JSON, {"v":"true"}, {"v":"false"} or {"v":"destination","t":1,"i":3}.
+
+Failing open: the cache is an optimisation, so a slow or dead Redis must cost a call a few
+milliseconds at most, never the call. The client built by `from_url` has millisecond socket
+and connect timeouts, no retries (redis-py's default retries with backoff and its 5 s
+timeouts do not apply) and no health-check pings. Reads and writes are one round trip
+(GET; SET PX). Any failure — timeout, refused connection, pool exhausted, unreadable value —
+makes `fetch` return `CacheMiss.ERROR` (`get` returns None) and `put` do nothing; each one
+calls `on_error` and counts in `errors`, and a warning is logged at most once per
+`log_every` seconds with the number of failures since the last one.
+
+`purge` is an operator action, not the hot path: it raises `CacheUnavailable` (chained from
+the Redis error) instead of failing open, because "0 entries purged" would be a lie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from crm_resolver.ports import CacheMiss, CrmAnswer
+from shared.destination import Destination
+from shared.outcomes import Verdict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_PREFIX = "callerid:cache:"
+_PURGE_BATCH = 500
+
+_TRUE = b'{"v":"true"}'
+_FALSE = b'{"v":"false"}'
+_TRUE_ANSWER = CrmAnswer(Verdict.TRUE)
+_FALSE_ANSWER = CrmAnswer(Verdict.FALSE)
+
+# What a failed Redis call can raise through redis-py's asyncio client; anything else is a bug
+# and propagates.
+_FAILURES = (RedisError, OSError, TimeoutError, ValueError, KeyError, TypeError)
+
+
+class CacheUnavailable(Exception):
+    """Redis could not carry out an explicit (non hot-path) operation such as a purge."""
+
+
+class RedisCache:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        on_error: Callable[[], None] | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        pepper: str = "",
+        log_every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._on_error = on_error
+        self._prefix = key_prefix
+        self._hasher = hashlib.sha256(pepper.encode())
+        self._log_every = log_every
+        self._clock = clock
+        self._last_log: float | None = None
+        self._unlogged = 0
+        self.errors = 0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = 0.05,
+        max_connections: int = 64,
+        on_error: Callable[[], None] | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        pepper: str = "",
+        log_every: float = 30.0,
+    ) -> RedisCache:
+        """A cache over a client built for failing fast (see the module docstring).
+
+        `max_connections` bounds the pool: when Redis stalls, requests beyond it fail at once
+        (counted as errors) instead of opening ever more connections.
+        """
+        client = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+            health_check_interval=0,
+            max_connections=max_connections,
+        )
+        return cls(
+            client, on_error=on_error, key_prefix=key_prefix, pepper=pepper, log_every=log_every
+        )
+
+    def key(self, node_id: str, customer_id: str) -> str:
+        hasher = self._hasher.copy()
+        hasher.update(customer_id.encode())
+        return f"{self._prefix}{node_id}:{hasher.hexdigest()}"
+
+    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
+        try:
+            raw = await self._client.get(self.key(node_id, customer_id))
+            if raw is None:
+                return CacheMiss.MISS
+            return _decode(raw)
+        except _FAILURES as exc:
+            self._failed("read", exc)
+            return CacheMiss.ERROR
+
+    async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:
+        ttl_ms = int(ttl * 1000)
+        if ttl_ms <= 0:
+            return
+        try:
+            await self._client.set(self.key(node_id, customer_id), _encode(answer), px=ttl_ms)
+        except _FAILURES as exc:
+            self._failed("write", exc)
+
+    async def purge(self, node_id: str, customer_id: str | None = None) -> int:
+        """Delete one customer's entry, or every entry of a node; return how many went."""
+        try:
+            if customer_id is not None:
+                return int(await self._client.unlink(self.key(node_id, customer_id)))
+            pattern = f"{_glob_escape(self._prefix)}{_glob_escape(node_id)}:*"
+            removed = 0
+            batch: list[Any] = []
+            async for key in self._client.scan_iter(match=pattern, count=_PURGE_BATCH):
+                batch.append(key)
+                if len(batch) >= _PURGE_BATCH:
+                    removed += int(await self._client.unlink(*batch))
+                    batch.clear()
+            if batch:
+                removed += int(await self._client.unlink(*batch))
+            return removed
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailable(f"purging node {node_id!r}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.errors += 1
+        if self._on_error is not None:
+            self._on_error()
+        now = self._clock()
+        if self._last_log is not None and now - self._last_log < self._log_every:
+            self._unlogged += 1
+            return
+        suppressed, self._unlogged, self._last_log = self._unlogged, 0, now
+        log.warning(
+            "Redis cache %s failed, going on without the cache: %s: %s "
+            "(%d more failures since the last warning)",
+            what,
+            type(exc).__name__,
+            exc,
+            suppressed,
+        )
+
+
+def _encode(answer: CrmAnswer) -> bytes:
+    if answer.verdict is Verdict.TRUE:
+        return _TRUE
+    if answer.verdict is Verdict.FALSE:
+        return _FALSE
+    assert answer.destination is not None
+    return (
+        f'{{"v":"destination","t":{answer.destination.type},"i":{answer.destination.id}}}'
+    ).encode()
+
+
+def _decode(raw: bytes) -> CrmAnswer:
+    """Raise ValueError/KeyError/TypeError for anything this module did not write."""
+    if raw == _TRUE:
+        return _TRUE_ANSWER
+    if raw == _FALSE:
+        return _FALSE_ANSWER
+    value = json.loads(raw)
+    verdict = Verdict(value["v"])
+    if verdict is Verdict.DESTINATION:
+        return CrmAnswer(verdict, Destination(type=value["t"], id=value["i"]))
+    if verdict is Verdict.ERROR:
+        raise ValueError("an error is never cached")
+    return CrmAnswer(verdict)
+
+
+_GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
+
+
+def _glob_escape(text: str) -> str:
+    return _GLOB_SPECIAL.sub(r"\\\1", text)

@@ -1,0 +1,505 @@
+"""The resolver's rules (DESIGN §5-§7) against fakes: verdicts, cache, budget, retry, breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from crm_resolver.circuit import BreakerRegistry
+from crm_resolver.metrics import ResolverMetrics
+from crm_resolver.ports import (
+    CrmAnswer,
+    CrmBadResponse,
+    CrmError,
+    CrmHttpStatus,
+    CrmStatusFail,
+    CrmTimeout,
+    CrmUnreachable,
+)
+from crm_resolver.resolver import RETRY_MIN_BUDGET, Resolver, jitter_ttl
+from shared.destination import Destination
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.nodes import NodeConfig, NodeSet
+from shared.outcomes import ErrorCode, Interaction, Source, Verdict
+from tests.fakes import FALSE, TRUE, FakeClock, FakeCrm, RecordingCache, destination
+
+URL = "https://crm.example.com/identify"
+
+
+def make_node(**overrides: Any) -> NodeConfig:
+    fields: dict[str, Any] = {
+        "id": "1",
+        "name": "gold",
+        "interaction": Interaction.CRM_DESTINATION,
+        "url": URL,
+        "audio": "prompt",
+        "on_identified": "1,3",
+        "on_not_identified": "1,4",
+    }
+    fields.update(overrides)
+    return NodeConfig.model_validate(fields)
+
+
+@dataclass
+class Harness:
+    resolver: Resolver
+    crm: FakeCrm
+    cache: RecordingCache
+    clock: FakeClock
+    breaker_clock: FakeClock
+    registry: CollectorRegistry
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    def request(
+        self, customer_id: str = "12345", *, node_id: str = "1", left: float = 4.0
+    ) -> IdentifyRequest:
+        self.counter[0] += 1
+        return IdentifyRequest(
+            request_id=f"r{self.counter[0]}",
+            node_id=node_id,
+            customer_id=customer_id,
+            caller_number="5551234",
+            call_id="1700000000.1",
+            deadline=self.clock() + left,
+        )
+
+    async def ask(self, customer_id: str = "12345", **kwargs: Any) -> IdentifyReply:
+        return await self.resolver(self.request(customer_id, **kwargs))
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def harness(
+    results: list[CrmAnswer | Exception] | None = None,
+    *,
+    nodes: list[NodeConfig] | None = None,
+    default: CrmAnswer | Exception = TRUE,
+    takes: float = 0.0,
+    retry: bool = True,
+    broken_cache: bool = False,
+    failure_threshold: int = 5,
+) -> Harness:
+    clock = FakeClock()
+    breaker_clock = FakeClock()
+    registry = CollectorRegistry()
+    metrics = ResolverMetrics(registry)
+    node_set = NodeSet(nodes if nodes is not None else [make_node()])
+    metrics.init_nodes(node_set.names())
+    crm = FakeCrm(results or (), default=default, clock=clock, takes=takes)
+    cache = RecordingCache(broken=broken_cache, clock=clock)
+    breakers = BreakerRegistry(
+        failure_threshold=failure_threshold, reset_after=5.0, clock=breaker_clock
+    )
+    resolver = Resolver(
+        lambda: node_set,
+        crm,
+        cache,
+        metrics,
+        clock=clock,
+        breakers=breakers,
+        retry=retry,
+        jitter=lambda ttl: ttl,
+    )
+    return Harness(resolver, crm, cache, clock, breaker_clock, registry)
+
+
+# --- verdicts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict", "dest"),
+    [
+        (TRUE, Verdict.TRUE, None),
+        (FALSE, Verdict.FALSE, None),
+        (destination(3, 7), Verdict.DESTINATION, Destination(type=3, id=7)),
+    ],
+)
+async def test_crm_answers_become_replies(
+    answer: CrmAnswer, verdict: Verdict, dest: Destination | None
+) -> None:
+    """A crm_destination node passes true, false and an allowed destination through, from crm."""
+    h = harness([answer], takes=0.2)
+    reply = await h.ask()
+    assert reply.verdict is verdict
+    assert reply.destination == dest
+    assert reply.source is Source.CRM
+    assert reply.crm_ms == pytest.approx(200)
+    assert reply.request_id == "r1"
+    assert h.sample("callerid_resolver_requests_total", node="gold", verdict=verdict.value) == 1
+    assert h.sample("callerid_crm_requests_total", node="gold", result=verdict.value) == 1
+    assert h.sample("callerid_crm_request_duration_seconds_sum", node="gold") == pytest.approx(0.2)
+    assert h.sample("callerid_resolver_in_flight") == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (CrmStatusFail("fail"), ErrorCode.CRM_STATUS_FAIL),
+        (CrmBadResponse("garbage"), ErrorCode.CRM_BAD_RESPONSE),
+        (CrmHttpStatus(404), ErrorCode.CRM_HTTP_STATUS),
+        (CrmHttpStatus(503), ErrorCode.CRM_HTTP_STATUS),
+        (CrmUnreachable("refused"), ErrorCode.CRM_UNREACHABLE),
+        (CrmTimeout("slow"), ErrorCode.CRM_TIMEOUT),
+    ],
+)
+async def test_crm_errors_become_failure_replies(error: CrmError, code: ErrorCode) -> None:
+    """Each CrmError maps to a failure reply with its own code, counted by code."""
+    h = harness(default=error, retry=False)
+    reply = await h.ask()
+    assert reply.verdict is Verdict.ERROR
+    assert reply.error is code
+    assert reply.crm_ms is not None
+    assert h.sample("callerid_crm_requests_total", node="gold", result=code.value) == 1
+    assert h.sample("callerid_resolver_requests_total", node="gold", verdict="error") == 1
+
+
+async def test_budget_is_crm_timeout_or_time_left_whichever_is_less() -> None:
+    """The CRM gets min(node.crm_timeout, deadline - now), plus the call's context."""
+    h = harness(nodes=[make_node(crm_timeout=2)])
+    await h.ask("1", left=5.0)
+    await h.ask("2", left=1.5)
+    assert [c.budget for c in h.crm.calls] == [2.0, 1.5]
+    assert h.crm.calls[0].context.caller_number == "5551234"
+    assert h.crm.calls[0].context.call_id == "1700000000.1"
+
+
+# --- node checks ------------------------------------------------------------------------------
+
+
+async def test_unknown_node_fails_without_crm_and_is_counted_under_a_fixed_label() -> None:
+    """A node id the resolver does not know answers unknown_node; the id is not a label."""
+    h = harness()
+    reply = await h.ask(node_id="nope")
+    assert reply.error is ErrorCode.UNKNOWN_NODE
+    assert h.crm.calls == []
+    assert h.sample("callerid_resolver_requests_total", node="(unknown)", verdict="error") == 1
+
+
+async def test_node_without_crm_is_unknown_node() -> None:
+    """A node with interaction none has no CRM to ask: unknown_node, counted by its name."""
+    h = harness(nodes=[make_node(interaction=Interaction.NONE, url=None, name="plain")])
+    reply = await h.ask()
+    assert reply.error is ErrorCode.UNKNOWN_NODE
+    assert h.crm.calls == []
+    assert h.sample("callerid_resolver_requests_total", node="plain", verdict="error") == 1
+
+
+async def test_disallowed_destination_is_refused_and_not_cached() -> None:
+    """A destination type outside allowed_destination_types fails and is never cached."""
+    h = harness(nodes=[make_node(allowed_destination_types={1, 3})], default=destination(5, 1))
+    first = await h.ask()
+    second = await h.ask()
+    assert first.error is second.error is ErrorCode.CRM_DISALLOWED_DESTINATION
+    assert len(h.crm.calls) == 2
+    assert h.cache.puts == []
+    assert (
+        h.sample("callerid_crm_requests_total", node="gold", result="crm_disallowed_destination")
+        == 2
+    )
+
+
+async def test_true_false_node_given_a_destination_is_a_bad_response() -> None:
+    """A crm_true_false node cannot route to a CRM-chosen destination: crm_bad_response."""
+    h = harness(
+        nodes=[make_node(interaction=Interaction.CRM_TRUE_FALSE)], default=destination(1, 3)
+    )
+    reply = await h.ask()
+    assert reply.error is ErrorCode.CRM_BAD_RESPONSE
+    assert h.cache.puts == []
+
+
+# --- deadline ---------------------------------------------------------------------------------
+
+
+async def test_expired_request_touches_neither_cache_nor_crm() -> None:
+    """A request past its deadline answers expired, counted, with no cache read or CRM call."""
+    h = harness()
+    reply = await h.ask(left=-0.001)
+    assert reply.error is ErrorCode.EXPIRED
+    assert h.crm.calls == []
+    assert h.sample("callerid_expired_requests_total", node="gold") == 1
+    for result in ("hit", "miss", "error"):
+        assert h.sample("callerid_cache_lookups_total", node="gold", result=result) == 0
+
+
+async def test_joiner_gives_up_at_its_own_deadline() -> None:
+    """A caller that joined a longer shared call answers crm_timeout at its own deadline."""
+    h = harness()
+    gate = h.crm.hold()
+    leader = asyncio.create_task(h.ask(left=30.0))
+    await h.crm.entered.wait()
+    joiner = await h.ask(left=0.05)
+    assert joiner.error is ErrorCode.CRM_TIMEOUT
+    gate.set()
+    assert (await leader).verdict is Verdict.TRUE
+    assert len(h.crm.calls) == 1
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+
+async def test_cache_hit_skips_the_crm() -> None:
+    """The second identical lookup is answered from the cache, with no CRM time."""
+    h = harness([destination(1, 9)])
+    await h.ask()
+    reply = await h.ask()
+    assert reply.source is Source.CACHE
+    assert reply.destination == Destination(type=1, id=9)
+    assert reply.crm_ms is None
+    assert len(h.crm.calls) == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 1
+
+
+async def test_errors_are_never_cached() -> None:
+    """A failure is not stored: the next lookup asks the CRM again and gets its answer."""
+    h = harness([CrmStatusFail("fail")])
+    assert (await h.ask()).error is ErrorCode.CRM_STATUS_FAIL
+    assert h.cache.puts == []
+    assert (await h.ask()).verdict is Verdict.TRUE
+    assert len(h.crm.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "ttl"), [(TRUE, 300.0), (destination(1, 2), 300.0), (FALSE, 60.0)]
+)
+async def test_positive_and_negative_answers_get_their_own_ttl(
+    answer: CrmAnswer, ttl: float
+) -> None:
+    """true and destination are kept for cache_ttl_positive, false for cache_ttl_negative."""
+    h = harness([answer], nodes=[make_node(cache_ttl_positive=300, cache_ttl_negative=60)])
+    await h.ask("777")
+    assert h.cache.puts == [("1", "777", answer, ttl)]
+
+
+async def test_ttl_zero_disables_that_kind_of_caching() -> None:
+    """With cache_ttl_negative 0, false answers are not stored and are asked again."""
+    h = harness(default=FALSE, nodes=[make_node(cache_ttl_negative=0)])
+    await h.ask()
+    await h.ask()
+    assert h.cache.puts == []
+    assert len(h.crm.calls) == 2
+
+
+async def test_node_without_any_ttl_does_not_read_the_cache() -> None:
+    """A node with both TTLs 0 neither reads nor writes the cache."""
+    h = harness(nodes=[make_node(cache_ttl_positive=0, cache_ttl_negative=0)])
+    await h.ask()
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 0
+    assert h.cache.puts == []
+
+
+async def test_cached_answer_expires() -> None:
+    """After the TTL, the CRM is asked again."""
+    h = harness(nodes=[make_node(cache_ttl_positive=10)])
+    await h.ask()
+    h.clock.advance(9.9)
+    assert (await h.ask()).source is Source.CACHE
+    h.clock.advance(0.2)
+    assert (await h.ask()).source is Source.CRM
+    assert len(h.crm.calls) == 2
+
+
+async def test_broken_cache_is_counted_and_the_crm_answers() -> None:
+    """A failing cache counts result=error and the request is still answered by the CRM."""
+    h = harness(broken_cache=True)
+    reply = await h.ask()
+    assert reply.verdict is Verdict.TRUE
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="error") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 0
+
+
+def test_default_jitter_stays_within_ten_percent() -> None:
+    """The default TTL jitter spreads TTLs, within ±10 %."""
+    values = {jitter_ttl(100.0) for _ in range(200)}
+    assert all(90.0 <= v <= 110.0 for v in values)
+    assert len(values) > 1
+
+
+# --- single-flight ----------------------------------------------------------------------------
+
+
+async def test_identical_concurrent_lookups_share_one_crm_call() -> None:
+    """50 identical lookups in flight at once make ONE CRM call and all get the same answer."""
+    h = harness()
+    gate = h.crm.hold()
+    tasks = [asyncio.create_task(h.ask("424242")) for _ in range(50)]
+    await h.crm.entered.wait()
+    assert h.sample("callerid_resolver_in_flight") == 50
+    gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert len(h.crm.calls) == 1
+    assert {(r.verdict, r.source) for r in replies} == {(Verdict.TRUE, Source.CRM)}
+    assert len({r.request_id for r in replies}) == 50
+    assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 49
+    assert h.sample("callerid_crm_requests_total", node="gold", result="true") == 1
+    assert h.sample("callerid_resolver_requests_total", node="gold", verdict="true") == 50
+    assert h.sample("callerid_resolver_in_flight") == 0
+
+
+async def test_different_customers_are_not_merged() -> None:
+    """Lookups of different customer ids each make their own CRM call."""
+    h = harness()
+    gate = h.crm.hold()
+    tasks = [asyncio.create_task(h.ask(str(n))) for n in range(5)]
+    await h.crm.entered.wait()
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert sorted(c.customer_id for c in h.crm.calls) == ["0", "1", "2", "3", "4"]
+
+
+# --- retry ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error", [CrmUnreachable("refused"), CrmHttpStatus(502), CrmTimeout("slow")]
+)
+async def test_outage_errors_are_retried_once_when_time_allows(error: CrmError) -> None:
+    """Timeout, unreachable and 5xx get one retry when enough time is left; it can succeed."""
+    h = harness([error, TRUE], nodes=[make_node(crm_timeout=1)])
+    reply = await h.ask(left=4.0)
+    assert reply.verdict is Verdict.TRUE
+    assert len(h.crm.calls) == 2
+    assert h.sample("callerid_crm_request_duration_seconds_count", node="gold") == 2
+
+
+async def test_retry_happens_at_most_once() -> None:
+    """Two outage errors in a row: two calls, then the second error is the reply."""
+    h = harness([CrmUnreachable("a"), CrmHttpStatus(503), TRUE])
+    reply = await h.ask()
+    assert reply.error is ErrorCode.CRM_HTTP_STATUS
+    assert len(h.crm.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "error", [CrmHttpStatus(404), CrmStatusFail("fail"), CrmBadResponse("junk")]
+)
+async def test_answers_from_a_working_crm_are_not_retried(error: CrmError) -> None:
+    """4xx, status fail and bad bodies come from a CRM that is up: no retry."""
+    h = harness([error, TRUE])
+    assert (await h.ask()).error is error.code
+    assert len(h.crm.calls) == 1
+
+
+async def test_no_retry_when_the_time_left_is_too_short() -> None:
+    """After a timeout that used 3 of 4 s, 1 s is less than half the first budget: no retry."""
+    h = harness([CrmTimeout("slow"), TRUE], nodes=[make_node(crm_timeout=3)])
+    reply = await h.ask(left=4.0)
+    assert reply.error is ErrorCode.CRM_TIMEOUT
+    assert reply.crm_ms == pytest.approx(3000)
+    assert len(h.crm.calls) == 1
+
+
+async def test_no_retry_below_the_minimum_budget() -> None:
+    """A retry would get less than RETRY_MIN_BUDGET: it is not attempted."""
+    first = 0.06
+    h = harness([CrmTimeout("slow"), TRUE], nodes=[make_node(crm_timeout=0.1)])
+    reply = await h.ask(left=first + RETRY_MIN_BUDGET * 0.9)
+    assert reply.error is ErrorCode.CRM_TIMEOUT
+    assert len(h.crm.calls) == 1
+
+
+async def test_retry_gets_the_time_left() -> None:
+    """The retry's budget is min(crm_timeout, what is left after the first attempt)."""
+    h = harness([CrmTimeout("slow"), TRUE], nodes=[make_node(crm_timeout=2)])
+    await h.ask(left=3.5)
+    assert [c.budget for c in h.crm.calls] == [2.0, 1.5]
+
+
+async def test_retry_can_be_switched_off() -> None:
+    """With retry=False an outage error is answered at once after one call."""
+    h = harness([CrmUnreachable("refused"), TRUE], retry=False)
+    assert (await h.ask()).error is ErrorCode.CRM_UNREACHABLE
+    assert len(h.crm.calls) == 1
+
+
+# --- circuit breaker --------------------------------------------------------------------------
+
+
+async def test_open_breaker_fails_fast_then_a_half_open_probe_closes_it() -> None:
+    """After N outages the CRM is not called (circuit_open at once); after the wait one probe
+    goes through and its success closes the breaker. The gauge follows, by node name."""
+    h = harness(default=CrmUnreachable("down"), retry=False, failure_threshold=2)
+    gauge = "callerid_crm_circuit_state"
+    await h.ask("1")
+    await h.ask("2")
+    assert h.sample(gauge, node="gold") == 2
+
+    reply = await h.ask("3")
+    assert reply.error is ErrorCode.CRM_CIRCUIT_OPEN
+    assert reply.crm_ms is None
+    assert len(h.crm.calls) == 2
+    assert h.sample("callerid_crm_requests_total", node="gold", result="crm_circuit_open") == 1
+
+    h.crm.default = TRUE
+    h.breaker_clock.advance(5.0)
+    assert (await h.ask("4")).verdict is Verdict.TRUE
+    assert len(h.crm.calls) == 3
+    assert h.sample(gauge, node="gold") == 0
+    assert (await h.ask("5")).verdict is Verdict.TRUE
+
+
+async def test_breaker_is_shared_by_nodes_with_the_same_crm() -> None:
+    """Two nodes on one CRM URL share its breaker and both gauges move."""
+    nodes = [make_node(), make_node(id="2", name="silver")]
+    h = harness(nodes=nodes, default=CrmUnreachable("down"), retry=False, failure_threshold=1)
+    await h.ask(node_id="1")
+    assert (await h.ask(node_id="2")).error is ErrorCode.CRM_CIRCUIT_OPEN
+    assert h.sample("callerid_crm_circuit_state", node="silver") == 2
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 2
+
+
+async def test_a_failing_first_attempt_that_opens_the_breaker_is_not_retried() -> None:
+    """The failure that opens the breaker leaves no retry: the breaker refuses it."""
+    h = harness([CrmUnreachable("down"), TRUE], failure_threshold=1)
+    assert (await h.ask()).error is ErrorCode.CRM_UNREACHABLE
+    assert len(h.crm.calls) == 1
+
+
+async def test_bad_bodies_do_not_trip_the_breaker() -> None:
+    """A CRM answering nonsense is up: its breaker stays closed."""
+    h = harness(default=CrmBadResponse("junk"), failure_threshold=1)
+    for n in range(3):
+        assert (await h.ask(str(n))).error is ErrorCode.CRM_BAD_RESPONSE
+    assert len(h.crm.calls) == 3
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+
+async def test_unexpected_crm_exception_is_internal_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the CRM client answers internal to every sharer and is logged once."""
+    h = harness(default=RuntimeError("bug"))
+    gate = h.crm.hold()
+    tasks = [asyncio.create_task(h.ask()) for _ in range(3)]
+    await h.crm.entered.wait()
+    with caplog.at_level(logging.ERROR, logger="crm_resolver.resolver"):
+        gate.set()
+        replies = await asyncio.gather(*tasks)
+    assert {r.error for r in replies} == {ErrorCode.INTERNAL}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+
+
+async def test_cancellation_propagates_and_in_flight_returns_to_zero() -> None:
+    """Cancelling a request is never swallowed into a reply, and the gauge is restored."""
+    h = harness()
+    gate = h.crm.hold()
+    task = asyncio.create_task(h.ask())
+    await h.crm.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.sample("callerid_resolver_in_flight") == 0
+    gate.set()
+    await h.resolver.close()
