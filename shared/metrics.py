@@ -6,6 +6,10 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter
 
+# Label for a node id that is not configured: callers cannot create series by dialling
+# random node paths, and a resolver never labels by an id taken from a message.
+UNKNOWN_NODE = "unknown"
+
 # Bucket edges on the SLO lines (seconds): what a caller notices, up to the longest budget.
 SLO_BUCKETS: tuple[float, ...] = (
     0.005,

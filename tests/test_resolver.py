@@ -179,7 +179,7 @@ async def test_unknown_node_fails_without_crm_and_is_counted_under_a_fixed_label
     reply = await h.ask(node_id="nope")
     assert reply.error is ErrorCode.UNKNOWN_NODE
     assert h.crm.calls == []
-    assert h.sample("callerid_resolver_requests_total", node="(unknown)", verdict="error") == 1
+    assert h.sample("callerid_resolver_requests_total", node="unknown", verdict="error") == 1
 
 
 async def test_node_without_crm_is_unknown_node() -> None:

@@ -10,10 +10,9 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared.metrics import SLO_BUCKETS, zero_init
+from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, zero_init
 from shared.outcomes import Outcome, Source
 
-UNKNOWN_NODE = "unknown"
 RPC_RESULTS = ("reply", "timeout", "unavailable")
 
 

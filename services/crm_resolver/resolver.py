@@ -27,7 +27,7 @@ Rules chosen here, beyond the design's words:
 - A caller never waits past its own deadline: one that joined a shared call started by a
   caller with a later deadline gives up at its own with `crm_timeout` (the shared call goes
   on for the others and still fills the cache).
-- Unknown nodes are counted under the node label UNKNOWN_NODE_LABEL: the id in the message
+- Unknown nodes are counted under the node label UNKNOWN_NODE: the id in the message
   is not a bounded label value.
 
 Metrics, per node name: requests{verdict} once per reply; cache_lookups{hit|miss|error} per
@@ -63,6 +63,7 @@ from crm_resolver.ports import (
 )
 from crm_resolver.singleflight import SingleFlight
 from shared.messages import IdentifyReply, IdentifyRequest
+from shared.metrics import UNKNOWN_NODE
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import ErrorCode, Interaction, Source, Verdict
 
@@ -72,7 +73,6 @@ RETRY_MIN_BUDGET = 0.05
 """Seconds: a retry given less than this is not attempted."""
 
 TTL_JITTER = 0.1
-UNKNOWN_NODE_LABEL = "(unknown)"
 
 
 def jitter_ttl(ttl: float) -> float:
@@ -143,14 +143,14 @@ class Resolver:
         meters: _NodeMeters | None = None
         try:
             node = self._nodes().get(request.node_id)
-            meters = self._meters_for(node.name if node is not None else UNKNOWN_NODE_LABEL)
+            meters = self._meters_for(node.name if node is not None else UNKNOWN_NODE)
             reply = await self._resolve(request, node, meters)
         except Exception:
             log.exception("internal error answering request %s", request.request_id)
             reply = IdentifyReply.failure(request.request_id, ErrorCode.INTERNAL)
         finally:
             in_flight.dec()
-        (meters or self._meters_for(UNKNOWN_NODE_LABEL)).requests[reply.verdict].inc()
+        (meters or self._meters_for(UNKNOWN_NODE)).requests[reply.verdict].inc()
         return reply
 
     async def close(self) -> None:
