@@ -1,0 +1,234 @@
+"""Typed AGI commands: the only place where AGI command text is written.
+
+Each command is a frozen dataclass that validates its arguments when it is built and knows how
+to encode itself as exactly one line. Flow code builds these and hands them to the session; it
+never formats AGI text itself. Interpreting the reply belongs to the caller, not here.
+
+Why the rules are strict: Asterisk splits a command line on spaces and tabs, groups words in
+double quotes and treats a backslash as an escape (res_agi.c `parse_args`), and it reads
+commands line by line. So a `"`, a `\\`, a CR, LF or NUL in an argument could end the argument
+or the command early and inject the next one. Rather than escape, we refuse: every string
+argument must be printable ASCII without `"` or `\\`, and most have a tighter pattern still.
+`encode()` re-checks the finished line as a last line of defence.
+
+Exception tree:
+
+    CommandError(ValueError)    an argument is not acceptable; raised by the constructor
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+# Printable ASCII minus the two characters parse_args gives a meaning inside quotes.
+_SAFE_TEXT = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
+_SOUND = re.compile(r"[A-Za-z0-9_\-./]+")
+_DIGITS = re.compile(r"[0-9]+")
+_ESCAPE_DIGITS = re.compile(r"[0-9*#]*")
+_VARIABLE = re.compile(r"_{0,2}[A-Za-z][A-Za-z0-9_]*")
+_FUNCTION = re.compile(r"[A-Z_]+\([a-z_]+\)")
+_APPLICATION = re.compile(r"[A-Za-z]+")
+_MUSIC_CLASS = re.compile(r"[A-Za-z0-9_\-]+")
+
+MAX_TIMEOUT_MS = 600_000
+MAX_DIGITS = 64
+MAX_SOUND = 255
+MAX_NAME = 80
+MAX_VALUE = 255
+MAX_OPTIONS = 1000  # Asterisk reads a command into a 2048-byte buffer
+MAX_MESSAGE = 200
+
+
+class CommandError(ValueError):
+    """A command argument was refused; nothing was sent."""
+
+
+def _text(field: str, value: object, *, max_len: int, pattern: re.Pattern[str] = _SAFE_TEXT) -> str:
+    if not isinstance(value, str):
+        raise CommandError(f"{field}: must be a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise CommandError(f"{field}: longer than {max_len} characters")
+    # Checked separately so the message names the actual danger.
+    if any(c in value for c in '\r\n\0"\\'):
+        raise CommandError(f"{field}: CR, LF, NUL, quote and backslash are not allowed")
+    if not _SAFE_TEXT.fullmatch(value) or not pattern.fullmatch(value):
+        raise CommandError(f"{field}: {value[:40]!r} is not allowed here")
+    return value
+
+
+def _int(field: str, value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CommandError(f"{field}: must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise CommandError(f"{field}: must be in {low}..{high}, got {value}")
+    return value
+
+
+def _quoted(value: str) -> str:
+    # Safe only because every string was checked by _text: no quote or backslash inside.
+    return f'"{value}"'
+
+
+class Command:
+    """Base of every AGI command: `name` for logs, `encode()` for the wire."""
+
+    __slots__ = ()
+    name: ClassVar[str]
+
+    def _arguments(self) -> tuple[str, ...]:
+        return ()
+
+    def encode(self) -> bytes:
+        """The command as one line ending in a single "\\n"."""
+        line = " ".join((self.name, *self._arguments()))
+        if any(c in line for c in "\r\n\0"):  # unreachable while the validators hold
+            raise CommandError(f"{self.name}: refusing to encode a line break")
+        return line.encode("ascii") + b"\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Command):
+    name: ClassVar[str] = "ANSWER"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStatus(Command):
+    """Result 6 means up; on a hung-up channel Asterisk answers 511."""
+
+    name: ClassVar[str] = "CHANNEL STATUS"
+
+
+@dataclass(frozen=True, slots=True)
+class GetData(Command):
+    """Play `prompt` and collect up to `max_digits` DTMF digits ("#" ends the entry)."""
+
+    name: ClassVar[str] = "GET DATA"
+    prompt: str
+    timeout_ms: int
+    max_digits: int
+
+    def __post_init__(self) -> None:
+        _text("prompt", self.prompt, max_len=MAX_SOUND, pattern=_SOUND)
+        _int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS)
+        _int("max_digits", self.max_digits, 1, MAX_DIGITS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (_quoted(self.prompt), str(self.timeout_ms), str(self.max_digits))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFile(Command):
+    name: ClassVar[str] = "STREAM FILE"
+    filename: str
+    escape_digits: str = ""
+
+    def __post_init__(self) -> None:
+        _text("filename", self.filename, max_len=MAX_SOUND, pattern=_SOUND)
+        _text("escape_digits", self.escape_digits, max_len=12, pattern=_ESCAPE_DIGITS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        # Asterisk requires the escape-digits argument, so it is written even when empty.
+        return (_quoted(self.filename), _quoted(self.escape_digits))
+
+
+@dataclass(frozen=True, slots=True)
+class SayDigits(Command):
+    name: ClassVar[str] = "SAY DIGITS"
+    digits: str
+    escape_digits: str = ""
+
+    def __post_init__(self) -> None:
+        _text("digits", self.digits, max_len=MAX_DIGITS, pattern=_DIGITS)
+        _text("escape_digits", self.escape_digits, max_len=12, pattern=_ESCAPE_DIGITS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (_quoted(self.digits), _quoted(self.escape_digits))
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForDigit(Command):
+    """Asterisk accepts -1 (wait forever); we refuse it so no command can hold a call forever."""
+
+    name: ClassVar[str] = "WAIT FOR DIGIT"
+    timeout_ms: int
+
+    def __post_init__(self) -> None:
+        _int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (str(self.timeout_ms),)
+
+
+@dataclass(frozen=True, slots=True)
+class SetVariable(Command):
+    """`name` is a variable (with "_"/"__" for inheritance) or a function like TIMEOUT(digit).
+
+    The name is written unquoted: its pattern has no space or quote to protect.
+    """
+
+    name: ClassVar[str] = "SET VARIABLE"
+    variable: str
+    value: str
+
+    def __init__(self, name: str, value: str) -> None:
+        # The positional order of the brief, `SetVariable(name, value)`; `name` itself is taken
+        # by the command's log name, so the field is called `variable`.
+        object.__setattr__(self, "variable", name)
+        object.__setattr__(self, "value", value)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        variable = _text("name", self.variable, max_len=MAX_NAME)
+        if not (_VARIABLE.fullmatch(variable) or _FUNCTION.fullmatch(variable)):
+            raise CommandError(f"name: {variable[:40]!r} is not a variable or function name")
+        _text("value", self.value, max_len=MAX_VALUE)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (self.variable, _quoted(self.value))
+
+
+@dataclass(frozen=True, slots=True)
+class Exec(Command):
+    """Run a dialplan application, e.g. `Exec("Goto", "ctx,ext,1")`."""
+
+    name: ClassVar[str] = "EXEC"
+    application: str
+    options: str = ""
+
+    def __post_init__(self) -> None:
+        _text("application", self.application, max_len=MAX_NAME, pattern=_APPLICATION)
+        _text("options", self.options, max_len=MAX_OPTIONS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (self.application, _quoted(self.options))
+
+
+@dataclass(frozen=True, slots=True)
+class SetMusic(Command):
+    name: ClassVar[str] = "SET MUSIC"
+    on: bool
+    music_class: str = "default"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.on, bool):
+            raise CommandError(f"on: must be a bool, got {type(self.on).__name__}")
+        _text("music_class", self.music_class, max_len=MAX_NAME, pattern=_MUSIC_CLASS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return ("on", _quoted(self.music_class)) if self.on else ("off",)
+
+
+@dataclass(frozen=True, slots=True)
+class Verbose(Command):
+    name: ClassVar[str] = "VERBOSE"
+    message: str
+    level: int = 1
+
+    def __post_init__(self) -> None:
+        _text("message", self.message, max_len=MAX_MESSAGE)
+        _int("level", self.level, 1, 4)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (_quoted(self.message), str(self.level))

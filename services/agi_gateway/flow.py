@@ -1,0 +1,247 @@
+"""The call flow of an identification node (DESIGN §1–3), over one AGI session.
+
+Select the node, answer, collect the entry, ask the `Identifier` within the node's CRM budget,
+write the decision and end. Destinations of type 9 (another identification node) are followed
+in the same session up to `max_hops`. Whatever fails, the call leaves with a decision: a caller
+who hangs up gets `hangup`, anything the gateway cannot run gets `config_error` and the fallback.
+
+While the flow waits for the identification reply it does not talk to Asterisk, so it races
+the reply against the session's hang-up event (a hang-up cancels the pending request) and
+against the server's abort event (set when a drain runs out of time: the call takes its
+failover destination instead of being cut off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from agi_gateway.collect import CommandRefused, PromptMissing, collect_entry
+from agi_gateway.commands import Answer, SetMusic
+from agi_gateway.decisions import (
+    Decision,
+    config_error_decision,
+    entry_decision,
+    failover_decision,
+    hangup_decision,
+    no_entry_decision,
+    reply_decision,
+)
+from agi_gateway.metrics import GatewayMetrics
+from agi_gateway.routing import JumpTemplates, apply_decision
+from agi_gateway.session import AgiPeerError, AgiSession, AgiTimeout, CallerHungUp
+from shared.destination import IDENTIFICATION_NODE_TYPE, Destination
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.metrics import UNKNOWN_NODE
+from shared.nodes import NodeConfig, NodeSet
+from shared.outcomes import Outcome
+from shared.ports import Identifier, IdentifyTimeout, IdentifyUnavailable
+
+log = logging.getLogger(__name__)
+
+_NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_SCRIPT_PREFIX = "identify/"
+# Bytes that may travel in a request's informational fields (never written to the AGI socket).
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSettings:
+    jumps: JumpTemplates
+    fallback: Destination | None = None
+    max_hops: int = 5
+    environment_timeout: float = 5.0
+    # Slack past the node's CRM budget before the gateway stops waiting on its own; the
+    # identifier normally raises IdentifyTimeout at the deadline itself.
+    deadline_slack: float = 0.05
+    show_customer_ids: bool = False
+
+
+def requested_node(variables: Mapping[str, str]) -> str | None:
+    """The node id from `agi_network_script` (`identify/<id>`), or else `agi_arg_1`."""
+    script = variables.get("agi_network_script", "")
+    candidate = script[len(_SCRIPT_PREFIX) :] if script.startswith(_SCRIPT_PREFIX) else ""
+    candidate = candidate.strip("/") or variables.get("agi_arg_1", "").strip()
+    return candidate if _NODE_ID.fullmatch(candidate) else None
+
+
+def mask(customer_id: str | None, *, show: bool = False) -> str:
+    if customer_id is None:
+        return "-"
+    return customer_id if show else "*" * max(len(customer_id) - 2, 0) + customer_id[-2:]
+
+
+class CallFlow:
+    def __init__(
+        self,
+        nodes: Callable[[], NodeSet],
+        identifier: Identifier,
+        metrics: GatewayMetrics,
+        settings: FlowSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._nodes = nodes
+        self._identifier = identifier
+        self._metrics = metrics
+        self._settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
+
+    async def handle(self, session: AgiSession, abort: asyncio.Event) -> Decision:
+        """Run one call to its decision and hand the decision to Asterisk."""
+        started = self._monotonic()
+        env = (await session.environment(self._settings.environment_timeout)).variables
+        node_id = requested_node(env)
+        label = UNKNOWN_NODE
+        try:
+            decision, label = await self._run(session, env, node_id, abort)
+        except (AgiTimeout, AgiPeerError) as exc:
+            # Out of step with Asterisk: nothing more can be written safely; the server closes.
+            log.error("AGI session broke on node %s: %s", node_id, exc)
+            self._record(label, config_error_decision(None))
+            raise
+        self._record(label, decision)
+        with contextlib.suppress(CallerHungUp):  # Asterisk closed the socket: nothing to tell
+            await apply_decision(session, decision, self._settings.jumps)
+        log.info(
+            "call %s node=%s outcome=%s source=%s dest=%s id=%s %.0f ms",
+            env.get("agi_uniqueid", "-")[:64],
+            label,
+            decision.outcome.value,
+            decision.source.value,
+            decision.destination or "-",
+            mask(decision.customer_id, show=self._settings.show_customer_ids),
+            (self._monotonic() - started) * 1000,
+        )
+        return decision
+
+    async def reject(self, session: AgiSession, reason: str) -> None:
+        """Turn a call away without collecting anything (over capacity, draining)."""
+        await session.environment(self._settings.environment_timeout)
+        decision = config_error_decision(self._settings.fallback)
+        self._record(UNKNOWN_NODE, decision)
+        log.warning("call refused (%s): routed to the fallback %s", reason, decision.destination)
+        with contextlib.suppress(CallerHungUp):
+            await apply_decision(session, decision, self._settings.jumps)
+
+    async def _run(
+        self, session: AgiSession, env: Mapping[str, str], node_id: str | None, abort: asyncio.Event
+    ) -> tuple[Decision, str]:
+        answered = False
+        for _hop in range(self._settings.max_hops + 1):
+            node = self._nodes().get(node_id) if node_id is not None else None
+            if node is None:
+                log.error("unknown identification node %r: routed to the fallback", node_id)
+                return config_error_decision(self._settings.fallback), UNKNOWN_NODE
+            try:
+                if not answered:
+                    await session.run(Answer())
+                    answered = True
+                decision = await self._run_node(session, env, node, abort)
+            except CallerHungUp:
+                return hangup_decision(), node.name
+            except (PromptMissing, CommandRefused) as exc:
+                log.error("node %s cannot run: %s", node.id, exc)
+                return self._cannot_run(node), node.name
+            destination = decision.destination
+            if destination is None or destination.type != IDENTIFICATION_NODE_TYPE:
+                return decision, node.name
+            self._record(node.name, decision)
+            node_id = str(destination.id)
+        log.error(
+            "identification nodes hop more than %d times: routed to the fallback",
+            self._settings.max_hops,
+        )
+        return config_error_decision(self._settings.fallback), UNKNOWN_NODE
+
+    async def _run_node(
+        self, session: AgiSession, env: Mapping[str, str], node: NodeConfig, abort: asyncio.Event
+    ) -> Decision:
+        collected = await collect_entry(session, node, clock=self._monotonic)
+        if collected.customer_id is None:
+            return no_entry_decision(node, last_entry_invalid=collected.last_entry_invalid)
+        if not node.uses_crm:
+            return entry_decision(node, collected.customer_id)
+        return await self._identify(session, env, node, collected.customer_id, abort)
+
+    async def _identify(
+        self,
+        session: AgiSession,
+        env: Mapping[str, str],
+        node: NodeConfig,
+        customer_id: str,
+        abort: asyncio.Event,
+    ) -> Decision:
+        request = IdentifyRequest(
+            request_id=uuid.uuid4().hex,
+            node_id=node.id,
+            customer_id=customer_id,
+            caller_number=_UNPRINTABLE.sub("", env.get("agi_callerid", ""))[:64],
+            call_id=_UNPRINTABLE.sub("", env.get("agi_uniqueid", ""))[:64],
+            deadline=self._clock() + node.crm_timeout,
+        )
+        started = self._monotonic()
+        reply_task = asyncio.ensure_future(self._identifier.identify(request))
+        hangup_task = asyncio.ensure_future(session.hangup.wait())
+        abort_task = asyncio.ensure_future(abort.wait())
+        music = False
+        try:
+            limit = node.crm_timeout + self._settings.deadline_slack
+            waiting = {reply_task, hangup_task, abort_task}
+            if node.hold_music_after is not None and node.hold_music_after < limit:
+                done, _ = await asyncio.wait(
+                    waiting, timeout=node.hold_music_after, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    await session.run(SetMusic(True, node.hold_music_class))
+                    music = True
+            remaining = limit - (self._monotonic() - started)
+            await asyncio.wait(
+                waiting, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (reply_task, hangup_task, abort_task):
+                task.cancel()
+            await asyncio.wait([reply_task, hangup_task, abort_task])
+        self._metrics.identification_wait.labels(node.name).observe(self._monotonic() - started)
+        if hangup_task.done() and not hangup_task.cancelled():
+            raise CallerHungUp("hung up while waiting for the CRM")
+        if music:
+            await session.run(SetMusic(False))
+        return self._reply_decision(node, customer_id, reply_task)
+
+    def _reply_decision(
+        self, node: NodeConfig, customer_id: str, reply_task: asyncio.Future[IdentifyReply]
+    ) -> Decision:
+        counter = self._metrics.identify_requests
+        if reply_task.cancelled():  # neither reply nor error in time: our own deadline, or abort
+            counter.labels(node.name, "timeout").inc()
+            return failover_decision(node, Outcome.CRM_TIMEOUT, customer_id)
+        error = reply_task.exception()
+        if isinstance(error, IdentifyTimeout):
+            counter.labels(node.name, "timeout").inc()
+            return failover_decision(node, Outcome.CRM_TIMEOUT, customer_id)
+        if isinstance(error, IdentifyUnavailable):
+            counter.labels(node.name, "unavailable").inc()
+            return failover_decision(node, Outcome.CRM_TIMEOUT, customer_id)
+        if error is not None:
+            log.error("identification failed unexpectedly", exc_info=error)
+            counter.labels(node.name, "unavailable").inc()
+            return failover_decision(node, Outcome.CRM_ERROR, customer_id)
+        counter.labels(node.name, "reply").inc()
+        return reply_decision(node, reply_task.result(), customer_id)
+
+    def _cannot_run(self, node: NodeConfig) -> Decision:
+        fallback = self._settings.fallback or node.on_error or node.on_not_identified
+        return config_error_decision(fallback)
+
+    def _record(self, label: str, decision: Decision) -> None:
+        self._metrics.calls.labels(label, decision.outcome.value, decision.source.value).inc()

@@ -1,0 +1,185 @@
+"""Typed AGI commands: exact encodings, and nothing dangerous ever reaching the wire."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agi_gateway.commands import (
+    Answer,
+    ChannelStatus,
+    Command,
+    CommandError,
+    Exec,
+    GetData,
+    SayDigits,
+    SetMusic,
+    SetVariable,
+    StreamFile,
+    Verbose,
+    WaitForDigit,
+)
+from tools.asterisk_sim import parse_args
+
+DANGEROUS = ["\r", "\n", "\0", '"', "\\", "a\r\nHANGUP", 'x" "y', "x\\"]
+
+
+@pytest.mark.parametrize(
+    ("command", "wire"),
+    [
+        (Answer(), b"ANSWER\n"),
+        (ChannelStatus(), b"CHANNEL STATUS\n"),
+        (GetData("prompt", 5000, 5), b'GET DATA "prompt" 5000 5\n'),
+        (GetData("custom/id-prompt.v2", 1, 64), b'GET DATA "custom/id-prompt.v2" 1 64\n'),
+        (StreamFile("name", "0123456789*#"), b'STREAM FILE "name" "0123456789*#"\n'),
+        (StreamFile("name"), b'STREAM FILE "name" ""\n'),
+        (SayDigits("0123"), b'SAY DIGITS "0123" ""\n'),
+        (SayDigits("9", "#"), b'SAY DIGITS "9" "#"\n'),
+        (WaitForDigit(3000), b"WAIT FOR DIGIT 3000\n"),
+        (SetVariable("OML_X", "value"), b'SET VARIABLE OML_X "value"\n'),
+        (SetVariable("NAME", ""), b'SET VARIABLE NAME ""\n'),
+        (SetVariable("__OMLCODCLI", "12345"), b'SET VARIABLE __OMLCODCLI "12345"\n'),
+        (SetVariable("_INHERIT", "a b"), b'SET VARIABLE _INHERIT "a b"\n'),
+        (SetVariable("TIMEOUT(digit)", "2.5"), b'SET VARIABLE TIMEOUT(digit) "2.5"\n'),
+        (SetVariable(name="X", value="1"), b'SET VARIABLE X "1"\n'),
+        (Exec("Goto", "ctx,ext,1"), b'EXEC Goto "ctx,ext,1"\n'),
+        (Exec("NoOp"), b'EXEC NoOp ""\n'),
+        (SetMusic(True), b'SET MUSIC on "default"\n'),
+        (SetMusic(True, "jazz-2"), b'SET MUSIC on "jazz-2"\n'),
+        (SetMusic(False), b"SET MUSIC off\n"),
+        (Verbose("msg here"), b'VERBOSE "msg here" 1\n'),
+        (Verbose("m", 4), b'VERBOSE "m" 4\n'),
+    ],
+    ids=repr,
+)
+def test_every_command_encodes_exactly(command: Command, wire: bytes) -> None:
+    """Each command encodes to exactly the line Asterisk expects."""
+    assert command.encode() == wire
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        (GetData("p", 5000, 5), ["GET", "DATA", "p", "5000", "5"]),
+        (StreamFile("p"), ["STREAM", "FILE", "p", ""]),
+        (SetVariable("X", "a b, c"), ["SET", "VARIABLE", "X", "a b, c"]),
+        (SetVariable("X", ""), ["SET", "VARIABLE", "X", ""]),
+        (Exec("Goto", "c,e,1"), ["EXEC", "Goto", "c,e,1"]),
+    ],
+    ids=repr,
+)
+def test_asterisk_splits_encoded_commands_into_the_intended_arguments(
+    command: Command, argv: list[str]
+) -> None:
+    """Asterisk's own argument splitting recovers exactly the arguments we meant, empty
+    ones included."""
+    assert parse_args(command.encode().decode().rstrip("\n")) == (argv, False)
+
+
+def test_commands_have_short_log_names() -> None:
+    """`name` is the command verb, for logs."""
+    assert GetData("p", 1, 1).name == "GET DATA"
+    assert SetVariable("X", "1").name == "SET VARIABLE"
+    assert Answer().name == "ANSWER"
+
+
+def test_commands_are_immutable() -> None:
+    """A built (validated) command cannot be changed afterwards."""
+    command = SetVariable("X", "1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        command.value = 'x"\nHANGUP'  # type: ignore[misc]
+
+
+STRING_BUILDERS: dict[str, Callable[[str], Command]] = {
+    "GetData.prompt": lambda s: GetData(s, 5000, 5),
+    "StreamFile.filename": lambda s: StreamFile(s),
+    "StreamFile.escape_digits": lambda s: StreamFile("p", s),
+    "SayDigits.digits": lambda s: SayDigits(s),
+    "SayDigits.escape_digits": lambda s: SayDigits("1", s),
+    "SetVariable.name": lambda s: SetVariable(s, "v"),
+    "SetVariable.value": lambda s: SetVariable("X", s),
+    "Exec.application": lambda s: Exec(s, "x"),
+    "Exec.options": lambda s: Exec("Goto", s),
+    "SetMusic.music_class": lambda s: SetMusic(True, s),
+    "Verbose.message": lambda s: Verbose(s),
+}
+
+
+@pytest.mark.parametrize("builder", sorted(STRING_BUILDERS))
+@pytest.mark.parametrize("bad", DANGEROUS, ids=repr)
+def test_dangerous_characters_are_refused_in_every_string_argument(builder: str, bad: str) -> None:
+    """CR, LF, NUL, quote and backslash are refused in every string argument."""
+    with pytest.raises(CommandError):
+        STRING_BUILDERS[builder]("ok" + bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(builder=st.sampled_from(sorted(STRING_BUILDERS)), text=st.text(max_size=300))
+def test_any_text_either_refused_or_exactly_one_safe_line(builder: str, text: str) -> None:
+    """For any text, a command is refused or encodes to one line with one trailing LF and no
+    CR, and Asterisk's parser sees balanced quotes."""
+    try:
+        command = STRING_BUILDERS[builder](text)
+    except CommandError:
+        return
+    wire = command.encode()
+    assert wire.endswith(b"\n")
+    assert wire.count(b"\n") == 1
+    assert b"\r" not in wire
+    assert b"\0" not in wire
+    assert parse_args(wire.decode("ascii").rstrip("\n"))[1] is False
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: GetData("p", 0, 5),
+        lambda: GetData("p", 600_001, 5),
+        lambda: GetData("p", 5000, 0),
+        lambda: GetData("p", 5000, 65),
+        lambda: GetData("p", True, 5),
+        lambda: GetData("p", "5000", 5),  # type: ignore[arg-type]
+        lambda: GetData("", 5000, 5),
+        lambda: GetData("has space", 5000, 5),
+        lambda: GetData("x" * 256, 5000, 5),
+        lambda: StreamFile("p", "a"),
+        lambda: SayDigits(""),
+        lambda: SayDigits("12a"),
+        lambda: SayDigits("1" * 65),
+        lambda: WaitForDigit(-1),
+        lambda: WaitForDigit(0),
+        lambda: WaitForDigit(600_001),
+        lambda: SetVariable("", "v"),
+        lambda: SetVariable("1ABC", "v"),
+        lambda: SetVariable("___X", "v"),
+        lambda: SetVariable("A B", "v"),
+        lambda: SetVariable("A-B", "v"),
+        lambda: SetVariable("TIMEOUT(DIGIT)", "v"),
+        lambda: SetVariable("timeout(digit)", "v"),
+        lambda: SetVariable("X", "v" * 256),
+        lambda: SetVariable("X", "caf\u00e9"),
+        lambda: SetVariable("X", "tab\there"),
+        lambda: Exec("Go to", "x"),
+        lambda: Exec("Goto1", "x"),
+        lambda: Exec("", "x"),
+        lambda: SetMusic(1, "default"),  # type: ignore[arg-type]
+        lambda: SetMusic(True, ""),
+        lambda: SetMusic(True, "a b"),
+        lambda: Verbose("m" * 201),
+        lambda: Verbose("m", 0),
+        lambda: Verbose("m", 5),
+    ],
+)
+def test_out_of_range_and_malformed_arguments_are_refused(build: Callable[[], Command]) -> None:
+    """Ranges, patterns, lengths and types are enforced when the command is built."""
+    with pytest.raises(CommandError):
+        build()
+
+
+def test_command_error_is_a_value_error() -> None:
+    """CommandError is a ValueError, so config validation can treat it as one."""
+    assert issubclass(CommandError, ValueError)

@@ -1,0 +1,521 @@
+"""The simulated Asterisk client, driven by a tiny in-test FastAGI server.
+
+The server side is built from the gateway's own parser and commands (`FakeGateway`), so these
+tests also check that the two sides agree on the wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+import pytest
+
+from agi_gateway.commands import (
+    Answer,
+    ChannelStatus,
+    Command,
+    Exec,
+    GetData,
+    SetMusic,
+    SetVariable,
+    StreamFile,
+    Verbose,
+)
+from agi_gateway.protocol import (
+    AgiParser,
+    AgiProtocolError,
+    EndOfStream,
+    Environment,
+    HangupNotice,
+    Reply,
+)
+from tools.asterisk_sim import (
+    CallResult,
+    CallScript,
+    SimulatedChannel,
+    environment_writes,
+    main,
+    parse_args,
+    run_call,
+)
+
+DEAD = "511 Command Not Permitted on a dead channel or intercept routine"
+WAIT = 5.0  # generous bound on any single wait; never reached when things work
+
+
+@dataclass
+class FakeGateway:
+    """The gateway side of one connection: sends commands, parses what comes back."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    parser: AgiParser = field(default_factory=AgiParser)
+    pending: list[Environment | Reply | HangupNotice | EndOfStream] = field(default_factory=list)
+    hangups: int = 0
+
+    async def _next(
+        self, *, stop_at_hangup: bool = False
+    ) -> Environment | Reply | EndOfStream | None:
+        """The next event other than HANGUP (counted); None at a HANGUP if `stop_at_hangup`."""
+        while True:
+            while self.pending:
+                event = self.pending.pop(0)
+                if isinstance(event, HangupNotice):
+                    self.hangups += 1
+                    if stop_at_hangup:
+                        return None
+                    continue
+                return event
+            async with asyncio.timeout(WAIT):
+                data = await self.reader.read(4096)
+            self.pending += self.parser.feed(data) if data else self.parser.feed_eof()
+
+    async def environment(self) -> Mapping[str, str]:
+        event = await self._next()
+        assert isinstance(event, Environment)
+        return event.variables
+
+    async def send_raw(self, line: bytes) -> Reply:
+        self.writer.write(line)
+        await self.writer.drain()
+        event = await self._next()
+        assert isinstance(event, Reply), event
+        return event
+
+    async def run(self, command: Command) -> Reply:
+        return await self.send_raw(command.encode())
+
+    async def wait_for_hangup(self) -> None:
+        """Read until Asterisk's HANGUP line (no command is outstanding meanwhile)."""
+        if self.hangups == 0:
+            event = await self._next(stop_at_hangup=True)
+            assert event is None, f"unexpected {event} while waiting for HANGUP"
+
+
+Scenario = Callable[[FakeGateway], Awaitable[object]]
+
+
+@dataclass
+class Served:
+    port: int
+    done: asyncio.Future[object]  # the scenario's return value, or its exception
+
+
+@contextlib.asynccontextmanager
+async def fake_gateway(scenario: Scenario, *, keep_open: bool = False) -> AsyncIterator[Served]:
+    """Serve one connection with `scenario`; close the socket after it unless `keep_open`."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[object] = loop.create_future()
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            result = await scenario(FakeGateway(reader, writer))
+            if keep_open:
+                await release.wait()
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(result)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield Served(server.sockets[0].getsockname()[1], done)
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+        await asyncio.wait([done], timeout=WAIT)  # the handler has finished: no leaked task
+        if done.done() and not done.cancelled():
+            done.exception()  # retrieved, so an unchecked failure does not warn at GC
+
+
+async def call(scenario: Scenario, script: CallScript) -> CallResult:
+    """Run one simulated call against `scenario`; re-raise the scenario's assertion errors."""
+    async with fake_gateway(scenario) as served:
+        result = await run_call("127.0.0.1", served.port, script, timeout=WAIT)
+        await asyncio.wait_for(served.done, WAIT)
+    return result
+
+
+async def test_identified_call_records_variables_and_continues_at_the_goto_target() -> None:
+    """Variables are captured unquoted, the Goto target is where the dialplan continues, and
+    the decision timestamps are taken."""
+    sent = [
+        Answer(),
+        SetVariable("TIMEOUT(digit)", "3"),
+        GetData("customer-id", 5000, 5),
+        SetVariable("__OMLCODCLI", "12345"),
+        SetVariable("OML_IDENT_OUTCOME", "identified"),
+        Exec("Goto", "oml-dest-1,3,1"),
+    ]
+
+    async def scenario(gw: FakeGateway) -> list[Reply]:
+        env = await gw.environment()
+        assert env["agi_network_script"] == "identify/7"
+        assert env["agi_callerid"] == "5550000"
+        return [await gw.run(command) for command in sent]
+
+    result = await call(scenario, CallScript(node="7", caller_number="5550000"))
+    assert result.variables == {
+        "TIMEOUT(digit)": "3",
+        "__OMLCODCLI": "12345",
+        "OML_IDENT_OUTCOME": "identified",
+    }
+    assert result.commands == [command.encode().decode().rstrip("\n") for command in sent]
+    assert (result.context, result.extension, result.priority) == ("oml-dest-1", "3", 1)
+    assert result.closed_by_gateway
+    assert not result.hung_up
+    assert result.protocol_errors == []
+    assert result.last_digit_at is not None
+    assert result.decided_at is not None
+    assert result.decided_at >= result.last_digit_at
+
+
+async def test_replies_match_asterisk() -> None:
+    """ANSWER, CHANNEL STATUS, GET DATA, STREAM FILE, SET MUSIC and VERBOSE answer as
+    Asterisk 22 does."""
+
+    async def scenario(gw: FakeGateway) -> list[str]:
+        await gw.environment()
+        commands = [
+            ChannelStatus(),
+            Answer(),
+            ChannelStatus(),
+            GetData("p", 5000, 5),
+            StreamFile("p", "#"),
+            SetMusic(True),
+            SetMusic(False),
+            Verbose("hello"),
+        ]
+        return [(await gw.run(command)).text for command in commands]
+
+    async with fake_gateway(scenario) as served:
+        await run_call("127.0.0.1", served.port, CallScript(entries=["42"]), timeout=WAIT)
+        texts = await asyncio.wait_for(served.done, WAIT)
+    assert texts == [
+        "200 result=4",
+        "200 result=0",
+        "200 result=6",
+        "200 result=42",
+        "200 result=0 endpos=8000",
+        "200 result=0",
+        "200 result=0",
+        "200 result=1",
+    ]
+
+
+async def test_get_data_entry_forms() -> None:
+    """Typed, nothing, inter-digit timeout, terminator, max digits, and beyond the script."""
+
+    async def scenario(gw: FakeGateway) -> list[tuple[str | None, str | None]]:
+        await gw.environment()
+        found = []
+        for max_digits in (5, 5, 5, 5, 3, 5):
+            reply = await gw.run(GetData("p", 5000, max_digits))
+            found.append((reply.result, reply.data))
+        return found
+
+    async with fake_gateway(scenario) as served:
+        script = CallScript(entries=["12345", None, "12~", "77#", "98765"])
+        await run_call("127.0.0.1", served.port, script, timeout=WAIT)
+        found = await asyncio.wait_for(served.done, WAIT)
+    assert found == [
+        ("12345", None),
+        ("", "timeout"),
+        ("12", "timeout"),
+        ("77", None),
+        ("987", None),
+        ("", "timeout"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("jump", "position"),
+    [
+        (None, ("from-pstn", "s", 4)),
+        (Exec("Goto", "ctx,ext,1"), ("ctx", "ext", 1)),
+        (Exec("Goto", "ext2,5"), ("from-pstn", "ext2", 5)),
+        (Exec("Goto", "9"), ("from-pstn", "s", 9)),
+        (Exec("Goto", "+2"), ("from-pstn", "s", 5)),
+    ],
+    ids=["no jump", "full", "extension,priority", "priority", "relative"],
+)
+async def test_goto_priority_semantics(
+    jump: Command | None, position: tuple[str, str, int]
+) -> None:
+    """ast_explicit_goto stores priority-1 and the pbx loop adds 1 when AGI() returns, so a
+    Goto lands exactly on its target and no jump continues at the next priority."""
+
+    async def scenario(gw: FakeGateway) -> None:
+        await gw.environment()
+        if jump is not None:
+            assert (await gw.run(jump)).text == "200 result=0"
+
+    result = await call(scenario, CallScript(priority=3))
+    assert (result.context, result.extension, result.priority) == position
+    assert result.protocol_errors == []
+
+
+async def test_set_context_extension_priority() -> None:
+    """SET CONTEXT/EXTENSION set the field; SET PRIORITY goes through ast_explicit_goto."""
+
+    async def scenario(gw: FakeGateway) -> None:
+        await gw.environment()
+        for line in (b"SET CONTEXT sales\n", b"SET EXTENSION 100\n", b"SET PRIORITY 2\n"):
+            assert (await gw.send_raw(line)).text == "200 result=0"
+
+    result = await call(scenario, CallScript())
+    assert (result.context, result.extension, result.priority) == ("sales", "100", 2)
+
+
+async def test_hangup_during_prompt_then_511_except_dead_safe_commands() -> None:
+    """ "prompt": GET DATA answers -1, HANGUP follows; afterwards only dead-safe commands
+    (SET VARIABLE, EXEC) still work and the rest get 511."""
+
+    async def scenario(gw: FakeGateway) -> list[str]:
+        await gw.environment()
+        first = await gw.run(GetData("p", 5000, 5))
+        texts = [first.text]
+        texts.append((await gw.run(ChannelStatus())).text)
+        texts.append((await gw.run(SetVariable("OML_IDENT_OUTCOME", "hangup"))).text)
+        texts.append((await gw.run(Exec("Goto", "h,1"))).text)
+        texts.append((await gw.run(GetData("p", 5000, 5))).text)
+        assert gw.hangups == 1
+        return texts
+
+    async with fake_gateway(scenario) as served:
+        result = await run_call("127.0.0.1", served.port, CallScript(hangup="prompt"), timeout=WAIT)
+        texts = await asyncio.wait_for(served.done, WAIT)
+    assert texts == ["200 result=-1", DEAD, "200 result=1", "200 result=0", DEAD]
+    assert result.hung_up
+    assert result.variables == {"OML_IDENT_OUTCOME": "hangup"}
+    assert result.last_digit_at is None
+
+
+async def test_hangup_during_lookup_arrives_while_the_gateway_is_silent() -> None:
+    """ "lookup": after the last scripted GET DATA, HANGUP arrives unprompted while the gateway
+    sends nothing; later playback commands get 511."""
+
+    async def scenario(gw: FakeGateway) -> list[str]:
+        await gw.environment()
+        first = await gw.run(GetData("p", 5000, 5))
+        second = await gw.run(GetData("p", 5000, 5))
+        await gw.wait_for_hangup()
+        after = await gw.run(StreamFile("p"))
+        return [first.text, second.text, after.text]
+
+    async with fake_gateway(scenario) as served:
+        script = CallScript(entries=[None, "12345"], hangup="lookup", hangup_delay=0.01)
+        result = await run_call("127.0.0.1", served.port, script, timeout=WAIT)
+        texts = await asyncio.wait_for(served.done, WAIT)
+    assert texts == ["200 result= (timeout)", "200 result=12345", DEAD]
+    assert result.hung_up
+    assert result.closed_by_gateway
+
+
+async def test_missing_prompt_answers_minus_one_with_the_channel_up() -> None:
+    """missing_prompt: GET DATA and STREAM FILE answer -1 but no HANGUP follows."""
+
+    async def scenario(gw: FakeGateway) -> list[str]:
+        await gw.environment()
+        texts = [
+            (await gw.run(GetData("p", 5000, 5))).text,
+            (await gw.run(StreamFile("p"))).text,
+            (await gw.run(ChannelStatus())).text,
+        ]
+        assert gw.hangups == 0
+        return texts
+
+    async with fake_gateway(scenario) as served:
+        script = CallScript(missing_prompt=True, channel_up=True)
+        result = await run_call("127.0.0.1", served.port, script, timeout=WAIT)
+        texts = await asyncio.wait_for(served.done, WAIT)
+    assert texts == ["200 result=-1", "200 result=-1 endpos=0", "200 result=6"]
+    assert not result.hung_up
+
+
+async def test_hangup_before_environment_end() -> None:
+    """ "before_env_end": the connection drops mid-environment, which the parser reports."""
+
+    async def scenario(gw: FakeGateway) -> None:
+        await gw.environment()
+
+    async with fake_gateway(scenario) as served:
+        result = await run_call(
+            "127.0.0.1", served.port, CallScript(hangup="before_env_end"), timeout=WAIT
+        )
+        with pytest.raises(AgiProtocolError, match="middle of the environment"):
+            await asyncio.wait_for(served.done, WAIT)
+    assert result.hung_up
+    assert result.commands == []
+
+
+async def test_gateway_that_never_closes_is_reported_not_waited_for() -> None:
+    """A gateway that keeps the socket open after its commands: run_call returns at its
+    timeout with closed_by_gateway False."""
+
+    async def scenario(gw: FakeGateway) -> None:
+        await gw.environment()
+        await gw.run(SetVariable("OML_IDENT_OUTCOME", "identified"))
+
+    async with fake_gateway(scenario, keep_open=True) as served:
+        result = await run_call("127.0.0.1", served.port, CallScript(), timeout=0.3)
+    assert not result.closed_by_gateway
+    assert result.variables == {"OML_IDENT_OUTCOME": "identified"}
+
+
+async def test_node_in_argument() -> None:
+    """node_in_arg: the script is plain "identify" and the node travels in agi_arg_1."""
+
+    async def scenario(gw: FakeGateway) -> Mapping[str, str]:
+        return await gw.environment()
+
+    async with fake_gateway(scenario) as served:
+        await run_call(
+            "127.0.0.1", served.port, CallScript(node="12", node_in_arg=True), timeout=WAIT
+        )
+        env = await asyncio.wait_for(served.done, WAIT)
+    assert isinstance(env, Mapping)
+    assert env["agi_network_script"] == "identify"
+    assert env["agi_arg_1"] == "12"
+    assert env["agi_accountcode"] == ""
+
+
+async def test_rejected_commands_are_answered_like_asterisk_and_recorded() -> None:
+    """Unknown commands get 510, malformed ones the multi-line 520 block (after which the
+    next reply is still in sync); CR, unbalanced quotes and unquoted EXEC options are
+    recorded as protocol errors."""
+
+    async def scenario(gw: FakeGateway) -> list[Reply]:
+        await gw.environment()
+        return [
+            await gw.send_raw(b"FROBNICATE\n"),
+            await gw.send_raw(b"GET DATA\n"),
+            await gw.send_raw(b'SET VARIABLE X "a\r\n'),
+            await gw.send_raw(b'SET VARIABLE Y "open\n'),
+            await gw.send_raw(b"EXEC NoOp hello world\n"),
+            await gw.run(Answer()),
+        ]
+
+    async with fake_gateway(scenario) as served:
+        result = await run_call("127.0.0.1", served.port, CallScript(), timeout=WAIT)
+        answered = await asyncio.wait_for(served.done, WAIT)
+    assert isinstance(answered, list)
+    unknown, usage, cr, open_quote, unquoted, answer = cast(list[Reply], answered)
+    assert unknown.code == 510
+    assert usage.code == 520
+    assert usage.text.startswith("520-Invalid command syntax.")
+    assert "Usage: GET DATA" in usage.text
+    assert cr.text == "200 result=1"
+    assert open_quote.text == "200 result=1"
+    assert unquoted.text == "200 result=0"
+    assert answer.text == "200 result=0"
+    assert result.variables["X"] == "a\r"  # what Asterisk really stores: the CR is kept
+    errors = " | ".join(result.protocol_errors)
+    for expected in ("unknown command", "bad arguments", "CR inside", "unbalanced", "EXEC"):
+        assert expected in errors
+    assert len(result.protocol_errors) == 6  # the CR line has an unbalanced quote too
+
+
+def test_environment_is_sent_in_several_writes_network_lines_first() -> None:
+    """The environment goes out in several writes, network lines first, blank line last."""
+    writes = environment_writes(CallScript(node="3"), "127.0.0.1", 4573)
+    assert len(writes) >= 3
+    assert writes[0].startswith(b"agi_network: yes\nagi_network_script: identify/3\n")
+    assert b"".join(writes).endswith(b"\n\n")
+    parser = AgiParser()
+    events = [event for chunk in writes for event in parser.feed(chunk)]
+    assert len(events) == 1
+    assert isinstance(events[0], Environment)
+    variables = events[0].variables
+    for name in ("agi_request", "agi_channel", "agi_uniqueid", "agi_version", "agi_enhanced"):
+        assert name in variables
+    assert variables["agi_accountcode"] == ""
+
+
+@pytest.mark.parametrize(
+    ("line", "argv", "unbalanced"),
+    [
+        ('SET VARIABLE X "a b"', ["SET", "VARIABLE", "X", "a b"], False),
+        ('SET VARIABLE X ""', ["SET", "VARIABLE", "X", ""], False),
+        ("A  B\tC", ["A", "B", "C"], False),
+        ('A "b\\"c"', ["A", 'b"c'], False),
+        ('A x"y z"w', ["A", "xy zw"], False),
+        ('A "open', ["A", "open"], True),
+        ("A b\\", ["A", "b"], True),
+    ],
+)
+def test_parse_args_matches_res_agi(line: str, argv: list[str], unbalanced: bool) -> None:
+    """Quotes group, backslash escapes, quotes mid-word join; open quotes are flagged."""
+    assert parse_args(line) == (argv, unbalanced)
+
+
+def test_dead_channel_is_refused_by_non_dead_safe_commands() -> None:
+    """Once dead, the sans-I/O channel answers 511 except to dead-safe commands."""
+    channel = SimulatedChannel(CallScript())
+    channel.mark_dead()
+    assert channel.handle(b"ANSWER") == DEAD
+    assert channel.handle(b"SET PRIORITY 3") == DEAD
+    assert channel.handle(b'SET VARIABLE A "1"') == "200 result=1"
+    assert channel.handle(b"GET VARIABLE A") == "200 result=1 (1)"
+    assert channel.handle(b'VERBOSE "x" 1') == "200 result=1"
+    assert channel.handle(b"NOOP") == "200 result=0"
+
+
+async def test_cli_places_calls_and_exits_zero_when_every_call_is_decided(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CLI prints one line per call and a summary, and exits 0 when all are decided."""
+    finished = 0
+    all_finished = asyncio.Event()  # handlers run on this loop: no leaked task at the end
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal finished
+        gw = FakeGateway(reader, writer)
+        try:
+            env = await gw.environment()
+            decided = env["agi_network_script"] == "identify/1"
+            await gw.run(GetData("p", 5000, 5))
+            if decided:
+                await gw.run(SetVariable("OML_DEST_TYPE", "1"))
+                await gw.run(SetVariable("OML_DEST_ID", "3"))
+                await gw.run(SetVariable("OML_IDENT_SOURCE", "crm"))
+                await gw.run(SetVariable("OML_IDENT_OUTCOME", "identified"))
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            finished += 1
+            if finished == 4:
+                all_finished.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = str(server.sockets[0].getsockname()[1])
+    try:
+        base = ["--host", "127.0.0.1", "--port", port, "--entries", "12345", "--timeout", "5"]
+        ok = await asyncio.to_thread(main, [*base, "--calls", "3", "--concurrency", "2"])
+        out = capsys.readouterr().out
+        failed = await asyncio.to_thread(main, [*base, "--node", "2"])
+        failed_out = capsys.readouterr().out
+        await asyncio.wait_for(all_finished.wait(), WAIT)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert ok == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 4
+    assert all("outcome=identified dest=1,3 source=crm" in line for line in lines[:3])
+    assert lines[3].startswith("summary: calls=3 decided=3")
+    assert failed == 1
+    assert "decided=0" in failed_out
