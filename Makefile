@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 services:
 	bash tools/ensure_services.sh
+	bash tools/ensure_tools.sh
 
 run: $(STAMP)
 	bash tools/run_embedded.sh
