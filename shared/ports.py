@@ -38,6 +38,6 @@ class Identifier(Protocol):
 
 
 class RequestHandler(Protocol):
-    async def __call__(self, request: IdentifyRequest) -> IdentifyReply:
+    async def __call__(self, request: IdentifyRequest, /) -> IdentifyReply:
         """Answer one request; never raises for business errors (they are reply envelopes)."""
         ...

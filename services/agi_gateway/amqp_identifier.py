@@ -1,0 +1,229 @@
+"""The gateway side of the identification RPC over RabbitMQ (implements `shared.ports.Identifier`).
+
+What belongs here: publishing requests, matching replies to callers, and translating every
+aio-pika/aiormq failure into the `shared.ports` tree once (`from exc`). What does not: names
+and queue arguments (`shared.topology`), deciding what a reply means (the call flow).
+
+How a call goes:
+
+- One robust connection, one channel with publisher confirms and `on_return_raises`, and ONE
+  long-lived consumer on direct reply-to (no_ack). Requests are published on that same channel
+  (direct reply-to requires it) with `correlation_id = request_id`.
+- Each call owns a future in `_pending` (correlation id → future). The entry is removed in a
+  `finally`, whatever happens, so the map only ever holds calls that are still waiting.
+- The publish (including its confirm) is bounded by `min(publish_timeout, time left)`: a
+  broker outage must never hold a caller for its whole budget. Unroutable (basic.return),
+  nacked (request queue full), not connected or too slow → `IdentifyUnavailable` at once.
+- Then the caller waits for the reply until the request's deadline → `IdentifyTimeout`.
+- A reply whose correlation id is not pending (its caller gave up: a late reply) is dropped
+  and counted in `late_replies`; so is an unparseable reply, which also fails its caller at
+  once (`IdentifyUnavailable`) rather than leaving it in silence until the deadline.
+- Direct reply-to is bound to the channel: when the channel or connection drops, replies to
+  requests already sent can never arrive, so those callers fail at once. The robust channel
+  restores the reply consumer on reconnect (the pseudo-queue is declared passively, which
+  RabbitMQ accepts, so its restore re-declares and re-consumes it). Until its reopen callback
+  says the restore is complete, `ready` is false and calls fail at once: RabbitMQ closes a
+  channel that publishes with direct reply-to before consuming from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from pamqp.commands import Basic
+from pydantic import ValidationError
+
+from agi_gateway.metrics import GatewayMetrics
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.ports import IdentifyTimeout, IdentifyUnavailable
+from shared.topology import JSON, REPLY_TO, Topology
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = 1
+LOG_EVERY = 100  # log the first bad reply, then one in LOG_EVERY: a flood must not flood logs
+
+# Everything a publish can raise once the channel is in a bad state; translated in one place.
+_PUBLISH_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
+
+
+class AmqpIdentifier:
+    def __init__(
+        self,
+        url: str,
+        metrics: GatewayMetrics,
+        *,
+        topology: Topology = Topology(),  # noqa: B008 - frozen dataclass, safe as a default
+        connection_name: str = "callerid-gateway",
+        publish_timeout: float = 0.5,
+        reconnect_interval: float = 2.0,
+    ) -> None:
+        self._url = url
+        self._metrics = metrics
+        self._topology = topology
+        self._connection_name = connection_name
+        self._publish_timeout = publish_timeout
+        self._reconnect_interval = reconnect_interval
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consuming = False
+        self._closed = False
+        self._pending: dict[str, asyncio.Future[IdentifyReply]] = {}
+        self._bad_replies = 0
+
+    async def start(self) -> None:
+        started = False
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url,
+                client_properties={"connection_name": self._connection_name},
+                reconnect_interval=self._reconnect_interval,
+            )
+            channel = cast(
+                AbstractRobustChannel,
+                await self._connection.channel(publisher_confirms=True, on_return_raises=True),
+            )
+            self._channel = channel
+            channel.close_callbacks.add(self._on_channel_closed)
+            channel.reopen_callbacks.add(self._on_channel_reopened)
+            await self._topology.declare(channel)
+            replies = await channel.declare_queue(REPLY_TO, passive=True)
+            await replies.consume(self._on_reply, no_ack=True)
+            started = True
+        finally:
+            if not started:
+                await self._close_connection()
+        self._consuming = True
+
+    async def close(self) -> None:
+        self._closed = True
+        self._consuming = False
+        self._fail_pending("the identifier is closing")
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, channel open and consuming replies: requests can be answered."""
+        connection, channel = self._connection, self._channel
+        return (
+            self._consuming
+            and connection is not None
+            and connection.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for a reply right now (0 when idle: entries never outlive calls)."""
+        return len(self._pending)
+
+    async def identify(self, request: IdentifyRequest) -> IdentifyReply:
+        left = request.deadline - time.time()
+        if left <= 0:
+            raise IdentifyTimeout("the request's deadline had passed before it was sent")
+        if not self.ready:
+            raise IdentifyUnavailable("not connected to the broker")
+        channel = self._channel
+        assert channel is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + left
+        correlation_id = request.request_id
+        if correlation_id in self._pending:
+            raise ValueError(f"request id {correlation_id!r} is already waiting for a reply")
+        future: asyncio.Future[IdentifyReply] = loop.create_future()
+        self._pending[correlation_id] = future
+        try:
+            properties = Basic.Properties(
+                content_type=JSON,
+                delivery_mode=TRANSIENT,
+                correlation_id=correlation_id,
+                reply_to=REPLY_TO,
+                # RabbitMQ drops the request once the caller has stopped waiting for it.
+                expiration=str(max(1, int(left * 1000))),
+            )
+            try:
+                async with asyncio.timeout(min(self._publish_timeout, left)):
+                    underlay = await channel.get_underlay_channel()
+                    await underlay.basic_publish(
+                        request.model_dump_json().encode(),
+                        exchange=self._topology.request_exchange,
+                        routing_key=self._topology.routing_key,
+                        properties=properties,
+                        mandatory=True,
+                    )
+            except TimeoutError as exc:
+                if left <= self._publish_timeout:  # the deadline, not the broker, ran out
+                    raise IdentifyTimeout("the deadline passed while publishing") from exc
+                raise IdentifyUnavailable("the broker did not confirm the request in time") from exc
+            except aiormq.exceptions.PublishError as exc:
+                raise IdentifyUnavailable("no queue is bound for identification requests") from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                raise IdentifyUnavailable("the broker rejected the request (queue full)") from exc
+            except _PUBLISH_ERRORS as exc:
+                raise IdentifyUnavailable(f"publishing failed: {exc!r}") from exc
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await future
+            except TimeoutError as exc:
+                raise IdentifyTimeout("no reply before the request's deadline") from exc
+        finally:
+            del self._pending[correlation_id]
+            if not future.done():
+                future.cancel()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is None or future.done():
+            self._metrics.late_replies.inc()
+            return
+        try:
+            reply = IdentifyReply.model_validate_json(message.body)
+        except ValidationError as exc:
+            self._metrics.late_replies.inc()
+            self._bad_replies += 1
+            if self._bad_replies % LOG_EVERY == 1:
+                log.warning(
+                    "unparseable identification reply (%d so far): %s",
+                    self._bad_replies,
+                    exc.errors(include_url=False, include_input=False)[:3],
+                )
+            future.set_exception(IdentifyUnavailable("the resolver's reply was unparseable"))
+            return
+        future.set_result(reply)
+
+    def _on_channel_reopened(self, _sender: Any) -> None:
+        # Called after the robust channel has restored its queues and consumers, the reply
+        # consumer included: only now may requests naming direct reply-to be published again.
+        if not self._closed:
+            self._consuming = True
+
+    def _on_channel_closed(self, _sender: Any, exc: BaseException | None) -> None:
+        # Publishing with reply_to = direct reply-to on a channel that has no reply consumer
+        # (yet) makes RabbitMQ close the channel (PRECONDITION_FAILED), which would also break
+        # the robust channel's restore: no publishing until `_on_channel_reopened`.
+        self._consuming = False
+        # Direct reply-to is tied to the channel: nothing sent before this can be answered.
+        if self._pending:
+            log.warning("broker channel closed (%r): failing %d waiting calls", exc, self.pending)
+        self._fail_pending("the broker connection was lost")
+
+    def _fail_pending(self, why: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(IdentifyUnavailable(why))

@@ -1,0 +1,249 @@
+"""The resolver side of the identification RPC over RabbitMQ: consume requests, publish replies.
+
+What belongs here: the consumer, per-message acknowledgement, reply and dead-letter publishing,
+graceful stop. What does not: names and queue arguments (`shared.topology`), answering a
+request (the injected `RequestHandler`, i.e. the resolver).
+
+Per message (delivery is at-least-once; handlers are idempotent):
+
+- Unparseable, invalid, or without `reply_to` → the raw body is published to the dead-letter
+  exchange with the reason in `DEAD_REASON_HEADER`, the original is acked, `dead_lettered`
+  counted. Nothing is requeued: a poison message must not loop.
+- Deadline already passed → acked and dropped without starting the handler; `expired` counted
+  (label: the node's configured name, via `node_label`).
+- Otherwise `await handler(request)`, publish the reply to `reply_to` with publisher confirms,
+  and only then ack. If the reply cannot be published, the request is requeued while its
+  deadline still leaves time (another worker may manage), else acked and dropped.
+- A handler that raises (a bug) gets an `internal` error envelope sent for it.
+
+Concurrency: aiormq starts a task per delivery, so up to `prefetch` handlers run at once.
+
+Stop: cancel the consumer (no new deliveries), wait for in-flight handlers to finish and their
+replies to be published and acked (bounded by `drain_timeout`), then close. Anything still unacked
+when the channel closes goes back to the queue for another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ConsumerTag,
+)
+from pydantic import ValidationError
+
+from crm_resolver.metrics import ResolverMetrics
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.outcomes import ErrorCode
+from shared.ports import RequestHandler
+from shared.topology import DEAD_REASON_HEADER, JSON, Topology
+
+log = logging.getLogger(__name__)
+
+MIN_REPLY_WAIT = 0.05  # seconds granted to a reply publish even when the deadline is near
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
+
+
+class AmqpWorker:
+    def __init__(
+        self,
+        url: str,
+        handler: RequestHandler,
+        metrics: ResolverMetrics,
+        *,
+        topology: Topology = Topology(),  # noqa: B008 - frozen dataclass, safe as a default
+        prefetch: int = 64,
+        connection_name: str = "callerid-resolver",
+        clock: Callable[[], float] = time.time,
+        node_label: Callable[[str], str] = lambda node_id: node_id,
+        reconnect_interval: float = 2.0,
+    ) -> None:
+        self._url = url
+        self._handler = handler
+        self._metrics = metrics
+        self._topology = topology
+        self._prefetch = prefetch
+        self._connection_name = connection_name
+        self._clock = clock
+        self._node_label = node_label
+        self._reconnect_interval = reconnect_interval
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._dead_letters: AbstractExchange | None = None
+        self._consumer_tag: ConsumerTag | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        started = False
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url,
+                client_properties={"connection_name": self._connection_name},
+                reconnect_interval=self._reconnect_interval,
+            )
+            channel = await self._connection.channel(publisher_confirms=True)
+            self._channel = channel
+            await channel.set_qos(prefetch_count=self._prefetch)
+            declared = await self._topology.declare(channel)
+            self._queue = declared.request_queue
+            self._dead_letters = declared.dead_letter_exchange
+            self._consumer_tag = await self._queue.consume(self._on_message)
+            started = True
+        finally:
+            if not started:
+                await self._close_connection()
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking requests, finish the ones in flight (up to `drain_timeout` s), then close."""
+        queue, tag, self._consumer_tag = self._queue, self._consumer_tag, None
+        if queue is not None and tag is not None:
+            try:
+                await queue.cancel(tag)
+            except _AMQP_ERRORS as exc:
+                log.warning("could not cancel the request consumer: %r", exc)
+            # Deliveries that arrived before cancel-ok have tasks scheduled but not started:
+            # let them start, so they are finished here rather than requeued at close.
+            await asyncio.sleep(0)
+        try:
+            async with asyncio.timeout(drain_timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "stopping with %d requests in flight: they will be redelivered", self._in_flight
+            )
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, channel open and consuming requests."""
+        connection, channel = self._connection, self._channel
+        return (
+            self._consumer_tag is not None
+            and connection is not None
+            and connection.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests delivered to this worker and not yet acked or requeued."""
+        return self._in_flight
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            # process() is the safety net for a bug below: the message is rejected, not lost
+            # in limbo; every expected path acks or nacks explicitly first.
+            async with message.process(requeue=False, ignore_processed=True):
+                await self._handle(message)
+        except Exception:
+            log.exception("failed to handle a request message")
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = IdentifyRequest.model_validate_json(message.body)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            await self._dead_letter(message, f"invalid request: {where}: {first['msg']}")
+            return
+        if not message.reply_to:
+            await self._dead_letter(message, "no reply_to")
+            return
+        if request.deadline <= self._clock():
+            self._metrics.expired.labels(self._node_label(request.node_id)).inc()
+            await self._settle(message, requeue=False)
+            return
+        try:
+            reply = await self._handler(request)
+        except Exception:
+            log.exception("request handler failed for request %s", request.request_id)
+            reply = IdentifyReply.failure(request.request_id, ErrorCode.INTERNAL)
+        try:
+            await self._reply(message, message.reply_to, reply, request.deadline)
+        except (*_AMQP_ERRORS, TimeoutError) as exc:
+            retry = request.deadline > self._clock()
+            log.warning(
+                "reply to %s not published (%r); %s",
+                request.request_id,
+                exc,
+                "requeueing the request" if retry else "dropping it: its deadline has passed",
+            )
+            await self._settle(message, requeue=retry)
+            return
+        await self._settle(message, requeue=False)
+
+    async def _reply(
+        self, message: AbstractIncomingMessage, reply_to: str, reply: IdentifyReply, deadline: float
+    ) -> None:
+        channel = self._channel
+        assert channel is not None
+        body = reply.model_dump_json().encode()
+        # Bounded: past the deadline nobody waits for this reply, so neither should we.
+        async with asyncio.timeout(max(MIN_REPLY_WAIT, deadline - self._clock())):
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type=JSON,
+                    correlation_id=message.correlation_id,
+                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                ),
+                routing_key=reply_to,
+                # Not mandatory: a reply whose caller has gone is unroutable by design.
+                mandatory=False,
+            )
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        exchange = self._dead_letters
+        assert exchange is not None
+        self._metrics.dead_lettered.inc()
+        try:
+            await exchange.publish(
+                aio_pika.Message(
+                    message.body,
+                    headers={DEAD_REASON_HEADER: reason[:200]},
+                    content_type=message.content_type,
+                    correlation_id=message.correlation_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=self._topology.routing_key,
+                mandatory=False,
+            )
+        except _AMQP_ERRORS as exc:
+            # Requeueing a poison message would loop it; losing it is the lesser harm.
+            log.error("could not dead-letter a message (%s): %r; dropping it", reason, exc)
+        await self._settle(message, requeue=False)
+
+    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        try:
+            if requeue:
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
+        except _AMQP_ERRORS as exc:
+            # The channel is gone: the broker requeues every unacked message by itself.
+            log.info("could not settle a request message (%r); the broker will redeliver", exc)

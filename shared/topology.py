@@ -1,0 +1,125 @@
+"""Every RabbitMQ name the identification RPC uses, and the one function that declares them.
+
+What belongs here: exchange, queue, routing-key and header names, the queue arguments, and
+`declare`. What does not: publishing, consuming, acking (the adapters in
+`agi_gateway.amqp_identifier` and `crm_resolver.amqp_worker` do that).
+
+The shape, and why:
+
+- Requests go to a durable direct exchange `<prefix>.identify` with routing key `identify`,
+  bound to one durable classic queue `<prefix>.identify.requests` shared by every resolver.
+  Request messages themselves are transient (delivery mode 1) and carry `expiration` = the time
+  left: a request is worthless after a few seconds, so it is never written to disk.
+- The request queue is bounded (`x-max-length`, default 5000) with `x-overflow:
+  reject-publish`: when resolvers fall that far behind, the broker nacks new requests and the
+  gateway fails them at once (`IdentifyUnavailable`) instead of queueing calls that would only
+  expire. 5000 is more than a few seconds of the target load (800 requests/s for a 4 s budget).
+- There is no queue-level dead-letter exchange: it would also collect every *expired* request,
+  which is normal traffic under overload, not something to investigate. Resolvers publish only
+  unparseable messages, explicitly, to the fanout exchange `<prefix>.dead`, bound to the bounded
+  queue `<prefix>.identify.dead` (oldest dropped first), with the reason in `DEAD_REASON_HEADER`.
+- Replies use RabbitMQ direct reply-to (`REPLY_TO`): no reply queue to declare or clean up.
+
+`declare` is idempotent and every service calls it at start-up, so whichever starts first
+creates the topology. RabbitMQ refuses to re-declare a queue with different arguments
+(PRECONDITION_FAILED), so every service must use the same `Topology` values; changing
+`max_requests` on a live system means deleting the request queue first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika import ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's direct reply-to pseudo-queue: consumed with no_ack on the publishing channel."""
+
+DEAD_REASON_HEADER = "x-callerid-dead-reason"
+"""Header on a dead-lettered message saying why it could not be handled."""
+
+ROUTING_KEY = "identify"
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """Handles on what `declare` created, for the adapters that publish or consume."""
+
+    request_exchange: AbstractExchange
+    request_queue: AbstractQueue
+    dead_letter_exchange: AbstractExchange
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The names for one deployment; tests use a unique prefix to isolate themselves."""
+
+    prefix: str = "callerid"
+    max_requests: int = 5000
+    max_dead_letters: int = 10_000
+
+    @property
+    def request_exchange(self) -> str:
+        return f"{self.prefix}.identify"
+
+    @property
+    def request_queue(self) -> str:
+        return f"{self.prefix}.identify.requests"
+
+    @property
+    def routing_key(self) -> str:
+        return ROUTING_KEY
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.identify.dead"
+
+    @property
+    def reply_to(self) -> str:
+        return REPLY_TO
+
+    def request_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "classic",
+            "x-max-length": self.max_requests,
+            "x-overflow": "reject-publish",
+        }
+
+    def dead_letter_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "classic",
+            "x-max-length": self.max_dead_letters,
+            "x-overflow": "drop-head",
+        }
+
+    async def declare(self, channel: AbstractChannel) -> Declared:
+        """Declare exchanges, queues and bindings (idempotent; same arguments everywhere)."""
+        requests_x = await channel.declare_exchange(
+            self.request_exchange, ExchangeType.DIRECT, durable=True
+        )
+        requests = await channel.declare_queue(
+            self.request_queue, durable=True, arguments=self.request_queue_arguments()
+        )
+        await requests.bind(requests_x, self.routing_key)
+        dead_x = await channel.declare_exchange(
+            self.dead_letter_exchange, ExchangeType.FANOUT, durable=True
+        )
+        dead = await channel.declare_queue(
+            self.dead_letter_queue, durable=True, arguments=self.dead_letter_queue_arguments()
+        )
+        await dead.bind(dead_x, self.routing_key)
+        return Declared(requests_x, requests, dead_x)
+
+    async def delete(self, channel: AbstractChannel) -> None:
+        """Remove everything `declare` created (tests and tear-down tooling only)."""
+        await channel.queue_delete(self.request_queue)
+        await channel.queue_delete(self.dead_letter_queue)
+        await channel.exchange_delete(self.request_exchange)
+        await channel.exchange_delete(self.dead_letter_exchange)
