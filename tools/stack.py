@@ -1,0 +1,302 @@
+"""Start and stop a whole callerid stack as real processes on loopback (tests, benchmarks).
+
+A `Stack` runs the mock CRM, any number of `crm-resolver` processes and one `agi-gateway`
+(scaled-out over RabbitMQ, or embedded), each on free loopback ports, waits until every one
+answers /readyz, and stops them by PID. Its RabbitMQ names carry a unique prefix and its cache
+keys a unique pepper, so several stacks and test runs can share one broker and one Redis.
+
+Not for production: it exists so that tests and `bench/` exercise the same processes an
+operator runs, with the same console scripts and environment variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post_json(url: str, body: object, method: str = "POST") -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(response.status), bytes(response.read())
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    http_port: int | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive:
+            assert self.popen is not None
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL: never leaves the process behind."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def wait_ready(self, path: str = "/readyz", timeout: float = READY_TIMEOUT) -> None:
+        assert self.http_port is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
+            with contextlib.suppress(OSError):
+                if http_get(f"http://127.0.0.1:{self.http_port}{path}", 0.5)[0] == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready within {timeout:g} s:\n{self.tail()}")
+
+    def metrics(self) -> str:
+        assert self.http_port is not None
+        return http_get(f"http://127.0.0.1:{self.http_port}/metrics")[1].decode()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric != name:
+            continue
+        if all(f'{key}="{val}"' in label_text for key, val in labels.items()):
+            total += float(value)
+    return total
+
+
+DEFAULT_NODES = """
+nodes:
+  - id: 1
+    name: gold-customers
+    interaction: crm_true_false
+    url: {crm}/identify
+    audio: customer-id-prompt
+    expected_length: 5
+    attempts: 3
+    on_identified: {{type: 1, id: 3}}
+    on_not_identified: {{type: 1, id: 4}}
+    on_error: {{type: 1, id: 9}}
+    crm_timeout: {crm_timeout}
+  - id: 3
+    name: crm-router
+    interaction: crm_destination
+    url: {crm}/route
+    audio: customer-id-prompt
+    expected_length: 5
+    attempts: 2
+    on_identified: {{type: 1, id: 3}}
+    on_not_identified: {{type: 1, id: 4}}
+    on_error: {{type: 5, id: 1}}
+    crm_timeout: {crm_timeout}
+  - id: 2
+    name: any-entry
+    audio: customer-id-prompt
+    min_length: 3
+    max_length: 10
+    attempts: 2
+    on_identified: {{type: 1, id: 5}}
+    on_not_identified: {{type: 1, id: 6}}
+"""
+
+DEFAULT_TABLE: dict[str, Any] = {
+    "default": {"destination": "false"},
+    "rules": [
+        {"match": "^1", "destination": "true"},
+        {"match": "^2", "destination": "1,7"},
+    ],
+    "customers": {"33333": {"delay_ms": 6000, "destination": "true"}},
+}
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    amqp_url: str | None = None  # None: the gateway runs embedded
+    redis_url: str | None = None
+    resolvers: int = 3
+    crm_timeout: float = 1.0
+    crm_table: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TABLE))
+    crm_latency_ms: float = 0.0
+    crm_latency_jitter_ms: float = 0.0
+    nodes_template: str = DEFAULT_NODES
+    extra_env: dict[str, str] = field(default_factory=dict)
+    prefix: str = field(default_factory=lambda: f"stack-{uuid.uuid4().hex[:10]}")
+    crm: Proc | None = None
+    gateway: Proc | None = None
+    resolver_procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def crm_url(self) -> str:
+        assert self.crm is not None
+        assert self.crm.http_port is not None
+        return f"http://127.0.0.1:{self.crm.http_port}"
+
+    @property
+    def agi_address(self) -> tuple[str, int]:
+        assert self.gateway is not None
+        return "127.0.0.1", int(self.gateway.env["CALLERID_AGI_LISTEN"].rpartition(":")[2])
+
+    def _env(self, http_port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLERID_")}
+        env.update(
+            CALLERID_NODES=str(self.workdir / "nodes.yaml"),
+            CALLERID_HTTP_LISTEN=f"127.0.0.1:{http_port}",
+            CALLERID_AMQP_PREFIX=self.prefix,
+            CALLERID_CACHE_KEY_PEPPER=self.prefix,
+            CALLERID_LOG_LEVEL="WARNING",
+        )
+        if self.amqp_url:
+            env["CALLERID_AMQP_URL"] = self.amqp_url
+        if self.redis_url:
+            env["CALLERID_REDIS_URL"] = self.redis_url
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        table = self.workdir / "crm_table.json"
+        table.write_text(json.dumps(self.crm_table))
+        self.crm = Proc(
+            "mock-crm",
+            [
+                str(BIN / "callerid-mock-crm"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--table",
+                str(table),
+                "--latency-ms",
+                str(self.crm_latency_ms),
+                "--latency-jitter-ms",
+                str(self.crm_latency_jitter_ms),
+            ],
+            self._env(free_port()),
+            self.workdir / "mock-crm.log",
+            http_port=port,
+        )
+        self.crm.start()
+        self.crm.wait_ready("/_stats")
+        (self.workdir / "nodes.yaml").write_text(
+            self.nodes_template.format(crm=self.crm_url, crm_timeout=self.crm_timeout)
+        )
+        if self.amqp_url:
+            for _ in range(self.resolvers):
+                self.add_resolver()
+        port = free_port()
+        env = self._env(port)
+        env["CALLERID_AGI_LISTEN"] = f"127.0.0.1:{free_port()}"
+        argv = [str(BIN / "agi-gateway")] + ([] if self.amqp_url else ["--embedded"])
+        self.gateway = Proc("gateway", argv, env, self.workdir / "gateway.log", http_port=port)
+        self.gateway.start()
+        self.gateway.wait_ready()
+        return self
+
+    def add_resolver(self) -> Proc:
+        port = free_port()
+        index = len(self.resolver_procs)
+        proc = Proc(
+            f"resolver-{index}",
+            [str(BIN / "crm-resolver")],
+            self._env(port),
+            self.workdir / f"resolver-{index}.log",
+            http_port=port,
+        )
+        proc.start()
+        proc.wait_ready()
+        self.resolver_procs.append(proc)
+        return proc
+
+    def crm_stats(self) -> dict[str, Any]:
+        return dict(json.loads(http_get(f"{self.crm_url}/_stats")[1]))
+
+    def crm_mode(self, mode: str, **extra: Any) -> None:
+        http_post_json(f"{self.crm_url}/_mode", {"mode": mode, **extra})
+
+    def resolver_metric(self, name: str, **labels: str) -> float:
+        return sum(
+            metric_value(p.metrics(), name, **labels) for p in self.resolver_procs if p.alive
+        )
+
+    def stop(self) -> None:
+        """Gateway first (it drains), then resolvers, then the CRM; all by PID."""
+        for proc in [self.gateway, *self.resolver_procs, self.crm]:
+            if proc is not None:
+                proc.stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
