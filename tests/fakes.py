@@ -6,18 +6,32 @@
   slow CRM without sleeping): a scripted `CrmTimeout` uses up the whole budget it was given.
 - `RecordingCache`: the real `MemoryCache`, recording every `put`, and breakable (every read
   then reports `CacheMiss.ERROR`, every write is dropped), as a failing Redis would.
+- `FakeFlights`: a `FlightLock` over a cache, with what the Redis adapter promises (a lease
+  only while no answer is cached; the lock expires on the given clock; release only by its
+  own lease). Several resolvers handed one `FakeFlights` and one cache behave like resolver
+  processes sharing Redis. Breakable; `on_lead` and `on_peek` run before every lead and look
+  (to move a fake clock, or let "another process" act, at a known point without sleeping).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from crm_resolver.memory_cache import MemoryCache
-from crm_resolver.ports import CacheMiss, CallContext, CrmAnswer, CrmTimeout
+from crm_resolver.ports import (
+    Cache,
+    CacheMiss,
+    CallContext,
+    CrmAnswer,
+    CrmTimeout,
+    Flight,
+    Lease,
+)
 from shared.destination import Destination
 from shared.nodes import NodeConfig
 from shared.outcomes import Verdict
@@ -109,3 +123,61 @@ class RecordingCache(MemoryCache):
         self.puts.append((node_id, customer_id, answer, ttl))
         if not self.broken:
             await super().put(node_id, customer_id, answer, ttl)
+
+
+class FakeFlights:
+    def __init__(self, cache: Cache, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cache = cache
+        self.clock = clock
+        self.broken = False
+        self.on_lead: Callable[[], Awaitable[None]] | None = None
+        self.on_peek: Callable[[], Awaitable[None]] | None = None
+        self.leads: list[tuple[str, str, float]] = []
+        self.released: list[Lease] = []
+        self.peeks = 0
+        # (node id, customer id) → (token, expires at)
+        self.locks: dict[tuple[str, str], tuple[str, float]] = {}
+        self._tokens = itertools.count(1)
+
+    def hold(self, node_id: str, customer_id: str, ttl: float) -> Lease:
+        """Take the lock as "another process" would (one that may never release it)."""
+        lease = Lease(node_id, customer_id, f"other-{next(self._tokens)}")
+        self.locks[(node_id, customer_id)] = (lease.token, self.clock() + ttl)
+        return lease
+
+    def held(self, node_id: str, customer_id: str) -> bool:
+        lock = self.locks.get((node_id, customer_id))
+        return lock is not None and lock[1] > self.clock()
+
+    async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
+        self.leads.append((node_id, customer_id, ttl))
+        if self.on_lead is not None:
+            await self.on_lead()
+        found = await self.cache.fetch(node_id, customer_id)
+        if self.broken or found is CacheMiss.ERROR:
+            return Flight.ERROR
+        if isinstance(found, CrmAnswer):
+            return found
+        if self.held(node_id, customer_id):
+            return Flight.HELD
+        lease = Lease(node_id, customer_id, f"t{next(self._tokens)}")
+        self.locks[(node_id, customer_id)] = (lease.token, self.clock() + ttl)
+        return lease
+
+    async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
+        self.peeks += 1
+        if self.on_peek is not None:
+            await self.on_peek()
+        found = await self.cache.fetch(node_id, customer_id)
+        if self.broken or found is CacheMiss.ERROR:
+            return Flight.ERROR
+        if isinstance(found, CrmAnswer):
+            return found
+        return Flight.HELD if self.held(node_id, customer_id) else Flight.FREE
+
+    async def release(self, lease: Lease) -> None:
+        self.released.append(lease)
+        key = (lease.node_id, lease.customer_id)
+        lock = self.locks.get(key)
+        if lock is not None and lock[0] == lease.token:
+            del self.locks[key]

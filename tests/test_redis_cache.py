@@ -1,4 +1,5 @@
-"""The Redis cache against the real Redis: formats, TTLs, purge, and failing open fast."""
+"""The Redis cache against the real Redis: formats, TTLs, purge, the flight lock, and failing
+open fast."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from crm_resolver.ports import CacheMiss, CrmAnswer
+from crm_resolver.ports import CacheMiss, CrmAnswer, Flight, Lease
 from crm_resolver.redis_cache import RedisCache
 from tests.fakes import FALSE, TRUE, destination
 
@@ -32,7 +33,9 @@ async def raw(redis_base_url: str, unique_name: str) -> AsyncIterator[redis.asyn
 async def cache(
     redis_base_url: str, unique_name: str, raw: redis.asyncio.Redis
 ) -> AsyncIterator[RedisCache]:
-    cache = RedisCache.from_url(redis_base_url, key_prefix=f"{unique_name}:")
+    cache = RedisCache.from_url(
+        redis_base_url, key_prefix=f"{unique_name}:", flight_prefix=f"{unique_name}:flight:"
+    )
     yield cache
     await cache.close()
 
@@ -115,6 +118,63 @@ async def test_unreadable_value_is_an_error_not_an_answer(
     assert cache.errors == 2
 
 
+async def test_lead_grants_one_lease_with_the_ttl_given(
+    cache: RedisCache, raw: redis.asyncio.Redis
+) -> None:
+    """The first lead gets a lease (lock set with PX = ttl); while it holds, others are HELD
+    and peek says HELD; once released, peek says FREE and the next lead gets a new lease."""
+    lease = await cache.lead("n1", "12345", 2.5)
+    assert isinstance(lease, Lease)
+    assert 2_000 < await raw.pttl(cache.flight_key("n1", "12345")) <= 2_500
+    assert await cache.lead("n1", "12345", 2.5) is Flight.HELD
+    assert await cache.peek("n1", "12345") is Flight.HELD
+    assert isinstance(await cache.lead("n1", "other", 2.5), Lease)
+    await cache.release(lease)
+    assert await cache.peek("n1", "12345") is Flight.FREE
+    again = await cache.lead("n1", "12345", 2.5)
+    assert isinstance(again, Lease)
+    assert again.token != lease.token
+    assert cache.errors == 0
+
+
+async def test_lead_returns_a_stored_answer_instead_of_a_lease(
+    cache: RedisCache, raw: redis.asyncio.Redis
+) -> None:
+    """With the answer cached, lead hands it back and takes no lock (no second CRM call);
+    peek returns the answer whether or not a lock is held."""
+    held = await cache.lead("n1", "1", 5)
+    assert isinstance(held, Lease)
+    await cache.put("n1", "1", destination(1, 3), 60)
+    assert await cache.peek("n1", "1") == destination(1, 3)
+    await cache.release(held)
+    assert await cache.lead("n1", "1", 5) == destination(1, 3)
+    assert await raw.exists(cache.flight_key("n1", "1")) == 0
+
+
+async def test_release_only_deletes_its_own_lock(
+    cache: RedisCache, raw: redis.asyncio.Redis
+) -> None:
+    """A lease whose lock expired and was taken by another holder cannot release that one."""
+    stale = await cache.lead("n1", "7", 5)
+    assert isinstance(stale, Lease)
+    key = cache.flight_key("n1", "7")
+    await raw.set(key, b"another-holder", px=5_000)
+    await cache.release(stale)
+    assert await raw.get(key) == b"another-holder"
+
+
+async def test_flight_key_hides_the_customer_id_and_has_its_own_prefix(
+    cache: RedisCache, unique_name: str
+) -> None:
+    """The lock key is the flight prefix + node + the answer key's digest; prefixes differ."""
+    customer = "98765432109876"
+    key = cache.flight_key("n1", customer)
+    assert customer not in key
+    assert key == f"{unique_name}:flight:n1:{cache.key('n1', customer).rsplit(':', 1)[1]}"
+    with pytest.raises(ValueError, match="must differ"):
+        RedisCache(redis.asyncio.Redis(), key_prefix="x:", flight_prefix="x:")
+
+
 async def test_closed_port_fails_open_quickly(caplog: pytest.LogCaptureFixture) -> None:
     """Nothing listening: reads are errors (CacheMiss.ERROR), writes are dropped, all fast,
     each failure counted and reported to on_error, but only one warning logged."""
@@ -128,11 +188,14 @@ async def test_closed_port_fails_open_quickly(caplog: pytest.LogCaptureFixture) 
             assert await cache.fetch("n1", "1") is CacheMiss.ERROR
             assert await cache.fetch("n1", "1") is CacheMiss.ERROR
             await cache.put("n1", "1", TRUE, 60)
+            assert await cache.lead("n1", "1", 4) is Flight.ERROR
+            assert await cache.peek("n1", "1") is Flight.ERROR
+            await cache.release(Lease("n1", "1", "token"))
         assert time.monotonic() - started < 0.5
     finally:
         await cache.close()
-    assert cache.errors == 3
-    assert len(reported) == 3
+    assert cache.errors == 6
+    assert len(reported) == 6
     assert len(caplog.records) == 1
 
 

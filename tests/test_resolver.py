@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +22,20 @@ from crm_resolver.ports import (
     CrmTimeout,
     CrmUnreachable,
 )
-from crm_resolver.resolver import RETRY_MIN_BUDGET, Resolver, jitter_ttl
+from crm_resolver.resolver import LOCK_MARGIN, RETRY_MIN_BUDGET, Resolver, jitter_ttl
 from shared.destination import Destination
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import ErrorCode, Interaction, Source, Verdict
-from tests.fakes import FALSE, TRUE, FakeClock, FakeCrm, RecordingCache, destination
+from tests.fakes import (
+    FALSE,
+    TRUE,
+    FakeClock,
+    FakeCrm,
+    FakeFlights,
+    RecordingCache,
+    destination,
+)
 
 URL = "https://crm.example.com/identify"
 
@@ -53,6 +62,8 @@ class Harness:
     clock: FakeClock
     breaker_clock: FakeClock
     registry: CollectorRegistry
+    flights: FakeFlights | None = None
+    nodes: NodeSet | None = None
     counter: list[int] = field(default_factory=lambda: [0])
 
     def request(
@@ -75,6 +86,37 @@ class Harness:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    def peer(self) -> Harness:
+        """Another resolver "process" on the same CRM, cache, flight lock and clock, with its
+        own metrics and breakers (request ids stay unique across the two)."""
+        registry = CollectorRegistry()
+        metrics = ResolverMetrics(registry)
+        assert self.nodes is not None
+        node_set = self.nodes
+        metrics.init_nodes(node_set.names())
+        resolver = Resolver(
+            lambda: node_set,
+            self.crm,
+            self.cache,
+            metrics,
+            clock=self.clock,
+            breakers=BreakerRegistry(clock=self.breaker_clock),
+            jitter=lambda ttl: ttl,
+            flights=self.flights,
+            flight_poll=0,
+        )
+        return Harness(
+            resolver,
+            self.crm,
+            self.cache,
+            self.clock,
+            self.breaker_clock,
+            registry,
+            self.flights,
+            node_set,
+            self.counter,
+        )
+
 
 def harness(
     results: list[CrmAnswer | Exception] | None = None,
@@ -85,6 +127,7 @@ def harness(
     retry: bool = True,
     broken_cache: bool = False,
     failure_threshold: int = 5,
+    flights: bool = False,
 ) -> Harness:
     clock = FakeClock()
     breaker_clock = FakeClock()
@@ -94,6 +137,7 @@ def harness(
     metrics.init_nodes(node_set.names())
     crm = FakeCrm(results or (), default=default, clock=clock, takes=takes)
     cache = RecordingCache(broken=broken_cache, clock=clock)
+    flight_lock = FakeFlights(cache, clock) if flights else None
     breakers = BreakerRegistry(
         failure_threshold=failure_threshold, reset_after=5.0, clock=breaker_clock
     )
@@ -106,8 +150,10 @@ def harness(
         breakers=breakers,
         retry=retry,
         jitter=lambda ttl: ttl,
+        flights=flight_lock,
+        flight_poll=0,
     )
-    return Harness(resolver, crm, cache, clock, breaker_clock, registry)
+    return Harness(resolver, crm, cache, clock, breaker_clock, registry, flight_lock, node_set)
 
 
 # --- verdicts -------------------------------------------------------------------------------
@@ -353,6 +399,198 @@ async def test_different_customers_are_not_merged() -> None:
     gate.set()
     await asyncio.gather(*tasks)
     assert sorted(c.customer_id for c in h.crm.calls) == ["0", "1", "2", "3", "4"]
+
+
+# --- merging across resolver processes (flight lock) -------------------------------------------
+
+
+def _event_hook(event: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    async def hook() -> None:
+        event.set()
+
+    return hook
+
+
+def _tick_hook(clock: FakeClock, seconds: float) -> Callable[[], Awaitable[None]]:
+    async def hook() -> None:
+        clock.advance(seconds)
+
+    return hook
+
+
+async def test_a_miss_takes_the_flight_lock_for_the_budget_and_releases_it() -> None:
+    """On a miss the CRM is asked while holding the lookup's lock, taken for the time left
+    plus LOCK_MARGIN, and released after the answer is stored."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    gate = h.crm.hold()
+    task = asyncio.create_task(h.ask("777", left=3.0))
+    await h.crm.entered.wait()
+    assert h.flights.held("1", "777")
+    assert h.cache.puts == []
+    gate.set()
+    reply = await task
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    ((node_id, customer_id, ttl),) = h.flights.leads
+    assert (node_id, customer_id) == ("1", "777")
+    assert ttl == pytest.approx(3.0 + LOCK_MARGIN)
+    assert len(h.flights.released) == 1
+    assert h.flights.locks == {}
+    assert len(h.cache.puts) == 1
+
+
+async def test_cache_hits_and_uncached_nodes_never_touch_the_lock() -> None:
+    """A cache hit costs no lock round trip; a node with both TTLs 0 skips the lock."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    await h.ask()
+    assert (await h.ask()).source is Source.CACHE
+    assert len(h.flights.leads) == 1
+
+    u = harness(flights=True, nodes=[make_node(cache_ttl_positive=0, cache_ttl_negative=0)])
+    assert u.flights is not None
+    await u.ask()
+    assert u.flights.leads == []
+    assert len(u.crm.calls) == 1
+
+
+async def test_another_process_holding_the_lock_is_waited_for_and_its_answer_served() -> None:
+    """While resolver A asks the CRM, resolver B (another process) does not: it waits and
+    replies A's answer from the cache, counted as merged. One CRM call in all."""
+    a = harness([destination(1, 9)], flights=True)
+    assert a.flights is not None
+    b = a.peer()
+    gate = a.crm.hold()
+    first = asyncio.create_task(a.ask())
+    await a.crm.entered.wait()
+    waiting = asyncio.Event()
+    a.flights.on_peek = _event_hook(waiting)
+    second = asyncio.create_task(b.ask())
+    async with asyncio.timeout(5):  # B never waiting means it did not see A's lock
+        await waiting.wait()
+    assert len(a.crm.calls) == 1
+    gate.set()
+    ra, rb = await asyncio.gather(first, second)
+    assert (ra.source, rb.source) == (Source.CRM, Source.CACHE)
+    assert ra.destination == rb.destination == Destination(type=1, id=9)
+    assert rb.crm_ms is None
+    assert len(a.crm.calls) == 1
+    assert b.sample("callerid_crm_lookups_merged_total", node="gold") == 1
+    assert b.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert b.sample("callerid_crm_requests_total", node="gold", result="destination") == 0
+
+
+async def test_lock_released_without_an_answer_means_the_waiter_asks_itself() -> None:
+    """A's CRM call fails (errors are not cached) and A lets go: B, which was waiting, takes
+    the lock and asks the CRM itself, once, and gets the CRM's answer."""
+    a = harness([CrmStatusFail("fail")], flights=True)
+    assert a.flights is not None
+    b = a.peer()
+    gate = a.crm.hold()
+    first = asyncio.create_task(a.ask())
+    await a.crm.entered.wait()
+    waiting = asyncio.Event()
+    a.flights.on_peek = _event_hook(waiting)
+    second = asyncio.create_task(b.ask())
+    async with asyncio.timeout(5):  # B never waiting means it did not see A's lock
+        await waiting.wait()
+    gate.set()
+    ra, rb = await asyncio.gather(first, second)
+    assert ra.error is ErrorCode.CRM_STATUS_FAIL
+    assert (rb.verdict, rb.source) == (Verdict.TRUE, Source.CRM)
+    assert len(a.crm.calls) == 2
+    assert len(a.flights.leads) == 3  # A once; B found it held, then took it
+    assert a.flights.locks == {}
+    assert b.sample("callerid_crm_lookups_merged_total", node="gold") == 0
+
+
+async def test_a_dead_holder_delays_the_others_only_until_its_lock_expires() -> None:
+    """A lock nobody will release (its holder was killed) expires after its TTL; then the
+    waiter takes it and asks the CRM, within its own budget."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    h.flights.hold("1", "12345", ttl=0.5)
+    h.flights.on_peek = _tick_hook(h.clock, 0.125)
+    start = h.clock()
+    reply = await h.ask(left=4.0)
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    assert h.flights.peeks == 4
+    assert h.clock() - start == 0.5
+    assert h.crm.calls[0].budget == 3.5
+
+
+async def test_deadline_passing_while_waiting_for_another_process_is_crm_timeout() -> None:
+    """A waiter whose deadline passes before the holder answers replies crm_timeout, without
+    asking the CRM and without taking the holder's lock."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    other = h.flights.hold("1", "12345", ttl=30)
+    h.flights.on_peek = _tick_hook(h.clock, 0.25)
+    reply = await h.ask(left=1.0)
+    assert reply.error is ErrorCode.CRM_TIMEOUT
+    assert h.crm.calls == []
+    assert h.flights.peeks == 4
+    assert h.flights.locks[("1", "12345")][0] == other.token
+
+
+async def test_answer_stored_between_the_cache_read_and_the_lock_is_served() -> None:
+    """If another process stores the answer after this one's cache read missed, taking the
+    lock returns that answer instead of a lease: no second CRM call."""
+    h = harness(flights=True)
+    assert h.flights is not None
+
+    async def other_process_answers() -> None:
+        await h.cache.put("1", "12345", FALSE, 60)
+
+    h.flights.on_lead = other_process_answers
+    reply = await h.ask()
+    assert (reply.verdict, reply.source) == (Verdict.FALSE, Source.CACHE)
+    assert h.crm.calls == []
+    assert h.flights.locks == {}
+    assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 1
+
+
+async def test_lock_backend_failure_fails_open_and_counts_as_a_cache_error() -> None:
+    """When the lock cannot be taken (Redis down), the CRM is asked anyway, and it counts."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    h.flights.broken = True
+    reply = await h.ask()
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    assert len(h.crm.calls) == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="error") == 1
+
+
+async def test_backend_failure_while_waiting_fails_open() -> None:
+    """Redis failing while waiting on another holder: stop waiting and ask the CRM."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    h.flights.hold("1", "12345", ttl=30)
+
+    async def breaks() -> None:
+        assert h.flights is not None
+        h.flights.broken = True
+
+    h.flights.on_peek = breaks
+    reply = await h.ask()
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    assert len(h.crm.calls) == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="error") == 1
+
+
+async def test_stopping_mid_call_still_releases_the_lock() -> None:
+    """close() cancels a lock holder's CRM call; the lock is given back, not left to expire."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    h.crm.hold()
+    task = asyncio.create_task(h.ask())
+    await h.crm.entered.wait()
+    await h.resolver.close()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(h.flights.released) == 1
+    assert h.flights.locks == {}
 
 
 # --- retry ------------------------------------------------------------------------------------

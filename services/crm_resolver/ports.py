@@ -11,7 +11,8 @@ translated into these at the adapter boundary and chained with `from exc`):
     ├── CrmCircuitOpen          not attempted: the CRM's circuit breaker is open
     └── CrmBadResponse          anything unparseable, oversized or not in the protocol
 
-Cache adapters never raise for backend failures: they fail open (CacheMiss.ERROR).
+Cache and flight-lock adapters never raise for backend failures: they fail open
+(CacheMiss.ERROR, Flight.ERROR).
 """
 
 from __future__ import annotations
@@ -109,4 +110,51 @@ class Cache(Protocol):
 
     async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:
         """Store an answer for `ttl` seconds; backend failures are counted, not raised."""
+        ...
+
+
+class Flight(Enum):
+    """The state of a (node, customer id) lookup across resolver processes, when no answer
+    is there to take."""
+
+    HELD = "held"
+    """Another process holds the lookup's lock: it is asking the CRM."""
+    FREE = "free"
+    """Nobody holds the lock and no answer is cached: whoever held it went away without one
+    (its CRM call failed, its answer is not of a kind that is cached, or it died)."""
+    ERROR = "error"
+    """The backend failed: go on without coordination."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to ask the CRM about one (node, customer id); hand it back to `release`."""
+
+    node_id: str
+    customer_id: str
+    token: str
+
+
+class FlightLock(Protocol):
+    """Merges identical lookups across resolver processes (DESIGN §7): one asks the CRM, the
+    others wait for its answer in the cache. In-process merging is `SingleFlight`'s job; this
+    is only consulted after a cache miss, by the one in-process call per (node, customer id).
+
+    Answers are read from the cache's own entries, so an adapter implementing this is the
+    adapter of the shared cache: the cached answer and the lock are read in one atomic step,
+    and a lease is granted only while no answer is cached.
+    """
+
+    async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
+        """Take the lock for `ttl` seconds, or say why not: the answer is already cached, the
+        lock is HELD by someone else, or ERROR (never FREE). Never raises."""
+        ...
+
+    async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
+        """The cached answer, or whether the lock is still HELD (or FREE, or ERROR)."""
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give the lock back if it is still this lease's (not after it expired and was taken
+        by another); failures are counted, not raised: the lock then expires by itself."""
         ...

@@ -20,6 +20,22 @@ makes `fetch` return `CacheMiss.ERROR` (`get` returns None) and `put` do nothing
 calls `on_error` and counts in `errors`, and a warning is logged at most once per
 `log_every` seconds with the number of failures since the last one.
 
+Flight lock (DESIGN §7, identical lookups merged across resolver processes): the cache also
+implements `ports.FlightLock`, because the lock is only sound when read together with the
+answer it guards. Lock keys are f"{flight_prefix}{node_id}:{digest}", the same digest as the
+answer's key, the value a random token, set with PX (the holder's budget, so a killed holder
+blocks others at most that long).
+- `lead` is one Lua script, one round trip: the cached answer if there is one, else SET NX PX
+  of the lock. So a lease is never granted after the answer was stored: a resolver whose GET
+  missed just before another stored the answer gets the answer, not a second CRM call.
+- `peek` is one MGET of (answer, lock): atomic, so "no answer and no lock" really means the
+  holder let go without storing an answer (the holder stores before it releases).
+- `release` is a compare-and-delete script: a lease that outlived its PX cannot delete the
+  lock a later holder took.
+The two keys of one lookup are different keys: on Redis Cluster they would need a hash tag;
+this deployment runs one Redis (or a primary with replicas), where scripts may touch both.
+Failures fail open like the cache's (Flight.ERROR, counted in `errors`).
+
 `purge` is an operator action, not the hot path: it raises `CacheUnavailable` (chained from
 the Redis error) instead of failing open, because "0 entries purged" would be a lie.
 """
@@ -30,6 +46,7 @@ import hashlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,13 +56,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from crm_resolver.ports import CacheMiss, CrmAnswer
+from crm_resolver.ports import CacheMiss, CrmAnswer, Flight, Lease
 from shared.destination import Destination
 from shared.outcomes import Verdict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY_PREFIX = "callerid:cache:"
+DEFAULT_FLIGHT_PREFIX = "callerid:flight:"
 _PURGE_BATCH = 500
 
 _TRUE = b'{"v":"true"}'
@@ -56,6 +74,19 @@ _FALSE_ANSWER = CrmAnswer(Verdict.FALSE)
 # What a failed Redis call can raise through redis-py's asyncio client; anything else is a bug
 # and propagates.
 _FAILURES = (RedisError, OSError, TimeoutError, ValueError, KeyError, TypeError)
+
+# KEYS: answer, lock. ARGV: token, PX. Returns the answer, 1 (lease granted) or 0 (held).
+_LEAD = """
+local answer = redis.call('GET', KEYS[1])
+if answer then return answer end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+# KEYS: lock. ARGV: token. Deletes the lock only if it is still this token's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class CacheUnavailable(Exception):
@@ -69,13 +100,19 @@ class RedisCache:
         *,
         on_error: Callable[[], None] | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
+        flight_prefix: str = DEFAULT_FLIGHT_PREFIX,
         pepper: str = "",
         log_every: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if key_prefix == flight_prefix:
+            raise ValueError("the answer and flight-lock key prefixes must differ")
         self._client = client
         self._on_error = on_error
         self._prefix = key_prefix
+        self._flight_prefix = flight_prefix
+        self._lead = client.register_script(_LEAD)
+        self._release = client.register_script(_RELEASE)
         self._hasher = hashlib.sha256(pepper.encode())
         self._log_every = log_every
         self._clock = clock
@@ -92,6 +129,7 @@ class RedisCache:
         max_connections: int = 64,
         on_error: Callable[[], None] | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
+        flight_prefix: str = DEFAULT_FLIGHT_PREFIX,
         pepper: str = "",
         log_every: float = 30.0,
     ) -> RedisCache:
@@ -110,13 +148,24 @@ class RedisCache:
             max_connections=max_connections,
         )
         return cls(
-            client, on_error=on_error, key_prefix=key_prefix, pepper=pepper, log_every=log_every
+            client,
+            on_error=on_error,
+            key_prefix=key_prefix,
+            flight_prefix=flight_prefix,
+            pepper=pepper,
+            log_every=log_every,
         )
 
     def key(self, node_id: str, customer_id: str) -> str:
+        return f"{self._prefix}{node_id}:{self._digest(customer_id)}"
+
+    def flight_key(self, node_id: str, customer_id: str) -> str:
+        return f"{self._flight_prefix}{node_id}:{self._digest(customer_id)}"
+
+    def _digest(self, customer_id: str) -> str:
         hasher = self._hasher.copy()
         hasher.update(customer_id.encode())
-        return f"{self._prefix}{node_id}:{hasher.hexdigest()}"
+        return hasher.hexdigest()
 
     async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
         try:
@@ -136,6 +185,45 @@ class RedisCache:
             await self._client.set(self.key(node_id, customer_id), _encode(answer), px=ttl_ms)
         except _FAILURES as exc:
             self._failed("write", exc)
+
+    async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
+        digest = self._digest(customer_id)
+        token = secrets.token_hex(8)
+        try:
+            found = await self._lead(
+                keys=[
+                    f"{self._prefix}{node_id}:{digest}",
+                    f"{self._flight_prefix}{node_id}:{digest}",
+                ],
+                args=[token, max(1, int(ttl * 1000))],
+            )
+            if isinstance(found, bytes | str):
+                return _decode(found)
+            return Lease(node_id, customer_id, token) if found == 1 else Flight.HELD
+        except _FAILURES as exc:
+            self._failed("flight lock", exc)
+            return Flight.ERROR
+
+    async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
+        digest = self._digest(customer_id)
+        try:
+            answer, holder = await self._client.mget(
+                f"{self._prefix}{node_id}:{digest}", f"{self._flight_prefix}{node_id}:{digest}"
+            )
+            if answer is not None:
+                return _decode(answer)
+            return Flight.FREE if holder is None else Flight.HELD
+        except _FAILURES as exc:
+            self._failed("flight lock", exc)
+            return Flight.ERROR
+
+    async def release(self, lease: Lease) -> None:
+        try:
+            await self._release(
+                keys=[self.flight_key(lease.node_id, lease.customer_id)], args=[lease.token]
+            )
+        except _FAILURES as exc:
+            self._failed("flight lock release", exc)
 
     async def purge(self, node_id: str, customer_id: str | None = None) -> int:
         """Delete one customer's entry, or every entry of a node; return how many went."""
@@ -189,7 +277,7 @@ def _encode(answer: CrmAnswer) -> bytes:
     ).encode()
 
 
-def _decode(raw: bytes) -> CrmAnswer:
+def _decode(raw: bytes | str) -> CrmAnswer:
     """Raise ValueError/KeyError/TypeError for anything this module did not write."""
     if raw == _TRUE:
         return _TRUE_ANSWER

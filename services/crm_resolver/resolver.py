@@ -24,6 +24,18 @@ Rules chosen here, beyond the design's words:
   do not expire together; a TTL of 0 disables that kind; a node with both at 0 does not read
   the cache either. Errors are never cached. The answer is stored before the shared call
   ends, so a lookup arriving after it finds the cache.
+- Across resolver processes (with a `FlightLock`, i.e. a shared Redis cache), the one
+  in-process call for a (node, customer id) that missed the cache takes the lookup's lock
+  before asking the CRM, for the time left to its deadline plus LOCK_MARGIN (so a holder that
+  was killed blocks the others at most that long). If another process holds it, this one
+  polls (every `flight_poll` s) for that process's answer in the cache and replies from it
+  (source `cache`, counted as merged); if the lock goes away without an answer (the holder's
+  call failed — errors are never cached — or its answer is of a kind not cached, or it
+  died), it tries to take the lock again and, holding it, asks the CRM itself: one process
+  at a time asks, and each at most once per in-process call. At its deadline it gives up
+  with `crm_timeout`. A lock backend failure fails open: the CRM is asked without the lock,
+  and the failure counts as a cache error. Only cache misses of nodes that cache
+  (a TTL > 0) touch the lock; cache hits cost what they did.
 - A caller never waits past its own deadline: one that joined a shared call started by a
   caller with a later deadline gives up at its own with `crm_timeout` (the shared call goes
   on for the others and still fills the cache).
@@ -31,9 +43,10 @@ Rules chosen here, beyond the design's words:
   is not a bounded label value.
 
 Metrics, per node name: requests{verdict} once per reply; cache_lookups{hit|miss|error} per
-cache read; crm_requests{result} and crm_duration per HTTP attempt (result is the verdict or
-the error code; a call refused by the open breaker counts as `crm_circuit_open` with no
-duration); merged per caller that joined a shared call; expired; circuit_state from breaker
+cache read, and error per failed flight-lock round trip; crm_requests{result} and
+crm_duration per HTTP attempt (result is the verdict or the error code; a call refused by
+the open breaker counts as `crm_circuit_open` with no duration); merged per caller that
+joined a shared call, in this process or another; expired; circuit_state from breaker
 state changes (an open breaker whose wait is over shows half_open when next asked).
 """
 
@@ -60,6 +73,9 @@ from crm_resolver.ports import (
     CrmHttpStatus,
     CrmTimeout,
     CrmUnreachable,
+    Flight,
+    FlightLock,
+    Lease,
 )
 from crm_resolver.singleflight import SingleFlight
 from shared.messages import IdentifyReply, IdentifyRequest
@@ -74,6 +90,12 @@ RETRY_MIN_BUDGET = 0.05
 
 TTL_JITTER = 0.1
 
+LOCK_MARGIN = 0.1
+"""Seconds a flight lock outlives its holder's deadline: time to store the answer."""
+
+FLIGHT_POLL = 0.01
+"""Seconds between looks at the cache while another process asks the CRM."""
+
 
 def jitter_ttl(ttl: float) -> float:
     """The default TTL jitter: uniformly within ±TTL_JITTER of `ttl`."""
@@ -82,11 +104,13 @@ def jitter_ttl(ttl: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class _Resolution:
-    """What a shared CRM call produced: an acceptable answer or an error code."""
+    """What a shared lookup produced: an acceptable answer or an error code, and where the
+    answer came from (another process's CRM call is answered from the cache)."""
 
     answer: CrmAnswer | None
     error: ErrorCode | None
     crm_ms: float | None
+    source: Source = Source.CRM
 
 
 class _NodeMeters:
@@ -122,6 +146,8 @@ class Resolver:
         breakers: BreakerRegistry | None = None,
         retry: bool = True,
         jitter: Callable[[float], float] | None = None,
+        flights: FlightLock | None = None,
+        flight_poll: float = FLIGHT_POLL,
     ) -> None:
         self._nodes = nodes
         self._crm = crm
@@ -134,6 +160,9 @@ class Resolver:
         self._breakers.subscribe(self._circuit_changed)
         self._retry = retry
         self._jitter = jitter if jitter is not None else jitter_ttl
+        # None: this process is the only resolver on its cache (embedded, memory cache).
+        self._flight_lock = flights
+        self._flight_poll = flight_poll
         self._flights: SingleFlight[tuple[str, str], _Resolution] = SingleFlight()
         self._meters: dict[str, _NodeMeters] = {}
 
@@ -190,7 +219,7 @@ class Resolver:
             meters.merged.inc()
         if resolution.answer is not None:
             return _answer_reply(
-                request.request_id, resolution.answer, Source.CRM, resolution.crm_ms
+                request.request_id, resolution.answer, resolution.source, resolution.crm_ms
             )
         assert resolution.error is not None
         return IdentifyReply.failure(request.request_id, resolution.error, crm_ms=resolution.crm_ms)
@@ -206,10 +235,66 @@ class Resolver:
         # Runs once for all callers sharing it: an unexpected error is logged here, once,
         # and every caller gets `internal`.
         try:
-            return await self._attempts(node, customer_id, deadline, context, meters)
+            lock = self._flight_lock
+            if lock is None or (node.cache_ttl_positive <= 0 and node.cache_ttl_negative <= 0):
+                return await self._attempts(node, customer_id, deadline, context, meters)
+            return await self._coordinated(lock, node, customer_id, deadline, context, meters)
         except Exception:
             log.exception("internal error asking the CRM of node %r", node.name)
             return _Resolution(None, ErrorCode.INTERNAL, None)
+
+    async def _coordinated(
+        self,
+        lock: FlightLock,
+        node: NodeConfig,
+        customer_id: str,
+        deadline: float,
+        context: CallContext,
+        meters: _NodeMeters,
+    ) -> _Resolution:
+        """Ask the CRM only while holding the lookup's lock; else take the holder's answer."""
+        clock = self._clock
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
+            claim = await lock.lead(node.id, customer_id, left + LOCK_MARGIN)
+            if isinstance(claim, Lease):
+                try:
+                    return await self._attempts(node, customer_id, deadline, context, meters)
+                finally:
+                    # After the answer is stored (in _attempts): a waiter that sees the lock
+                    # gone without an answer knows there is none to wait for.
+                    await lock.release(claim)
+            seen: CrmAnswer | Flight | _Resolution = claim
+            if claim is Flight.HELD:
+                seen = await self._await_holder(lock, node, customer_id, deadline)
+            if isinstance(seen, _Resolution):
+                return seen
+            if isinstance(seen, CrmAnswer):
+                if _judge(node, seen) is None:
+                    meters.merged.inc()
+                    return _Resolution(seen, None, None, Source.CACHE)
+                # A stale answer the node no longer accepts: ask, and overwrite it.
+                return await self._attempts(node, customer_id, deadline, context, meters)
+            if seen is Flight.ERROR:
+                meters.miss[CacheMiss.ERROR].inc()
+                return await self._attempts(node, customer_id, deadline, context, meters)
+            # FREE: the holder let go without an answer; take the lock and ask ourselves.
+
+    async def _await_holder(
+        self, lock: FlightLock, node: NodeConfig, customer_id: str, deadline: float
+    ) -> CrmAnswer | Flight | _Resolution:
+        """The holder's answer, FREE or ERROR; a crm_timeout resolution at the deadline."""
+        clock = self._clock
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
+            await asyncio.sleep(min(self._flight_poll, left))
+            seen = await lock.peek(node.id, customer_id)
+            if seen is not Flight.HELD:
+                return seen
 
     async def _attempts(
         self,

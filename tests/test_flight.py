@@ -1,0 +1,191 @@
+"""Identical lookups merged across resolver processes, through the real Redis (DESIGN §7).
+
+Each "process" here is a `Resolver` with its own Redis client (`RedisCache`), metrics and
+breakers, as in separate `crm-resolver` processes consuming one queue; they share only Redis
+and the CRM, which counts the calls it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio
+from prometheus_client import CollectorRegistry
+
+from crm_resolver.metrics import ResolverMetrics
+from crm_resolver.ports import CrmAnswer, Flight, Lease
+from crm_resolver.redis_cache import RedisCache
+from crm_resolver.resolver import LOCK_MARGIN, Resolver
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.nodes import NodeConfig, NodeSet
+from shared.outcomes import Interaction, Source, Verdict
+from tests.fakes import FakeCrm, destination
+
+pytestmark = pytest.mark.integration
+
+NODES = NodeSet(
+    [
+        NodeConfig.model_validate(
+            {
+                "id": "1",
+                "name": "gold",
+                "interaction": Interaction.CRM_DESTINATION,
+                "url": "https://crm.example.com/identify",
+                "audio": "prompt",
+                "on_identified": "1,3",
+                "on_not_identified": "1,4",
+            }
+        )
+    ]
+)
+
+
+class WatchedCache(RedisCache):
+    """The real adapter, telling the test when its resolver is waiting on another's lock."""
+
+    waiting: asyncio.Event
+
+    async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
+        seen = await super().peek(node_id, customer_id)
+        if seen is Flight.HELD:
+            self.waiting.set()
+        return seen
+
+
+@dataclass
+class Process:
+    resolver: Resolver
+    cache: WatchedCache
+    crm: FakeCrm
+    registry: CollectorRegistry
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+_ids = itertools.count(1)
+
+
+def request(customer_id: str, left: float) -> IdentifyRequest:
+    return IdentifyRequest(
+        request_id=f"r{next(_ids)}",
+        node_id="1",
+        customer_id=customer_id,
+        deadline=time.time() + left,
+    )
+
+
+@pytest.fixture
+async def processes(redis_base_url: str, unique_name: str) -> AsyncIterator[list[Process]]:
+    """Three resolver "processes" on one Redis key space (unique to the test), sharing one
+    CRM gate and entry event so that the test can hold whichever one calls the CRM."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    made: list[Process] = []
+    for _ in range(3):
+        cache = WatchedCache.from_url(
+            redis_base_url, key_prefix=f"{unique_name}:", flight_prefix=f"{unique_name}:flight:"
+        )
+        assert isinstance(cache, WatchedCache)
+        cache.waiting = asyncio.Event()
+        crm = FakeCrm(default=destination(1, 7))
+        crm.gate, crm.entered = gate, entered
+        registry = CollectorRegistry()
+        metrics = ResolverMetrics(registry)
+        metrics.init_nodes(NODES.names())
+        resolver = Resolver(lambda: NODES, crm, cache, metrics, flights=cache)
+        made.append(Process(resolver, cache, crm, registry))
+    yield made
+    gate.set()
+    raw = redis.asyncio.Redis.from_url(redis_base_url)
+    for process in made:
+        await process.resolver.close()
+        await process.cache.close()
+    keys = [key async for key in raw.scan_iter(match=f"{unique_name}:*", count=1000)]
+    if keys:
+        await raw.unlink(*keys)
+    await raw.aclose()
+
+
+async def test_fifty_identical_requests_over_three_resolvers_make_one_crm_call(
+    processes: list[Process],
+) -> None:
+    """50 identical lookups at once, spread round-robin over three resolvers sharing Redis:
+    exactly one CRM call; the resolvers that did not call waited on the lock and replied the
+    caller's answer from the cache; all 50 replies are that answer."""
+    tasks = [
+        asyncio.create_task(processes[n % 3].resolver(request("4242", left=5.0))) for n in range(50)
+    ]
+    gate, entered = processes[0].crm.gate, processes[0].crm.entered
+    assert gate is not None
+    async with asyncio.timeout(5):  # fails here if a second resolver called the CRM instead
+        await entered.wait()
+        (caller,) = [p for p in processes if p.crm.calls]
+        for other in processes:
+            if other is not caller:
+                await other.cache.waiting.wait()
+    gate.set()
+    replies: list[IdentifyReply] = await asyncio.gather(*tasks)
+
+    assert sum(len(p.crm.calls) for p in processes) == 1
+    assert {(r.verdict, r.destination) for r in replies} == {
+        (Verdict.DESTINATION, destination(1, 7).destination)
+    }
+    assert len({r.request_id for r in replies}) == 50
+    from_caller = [r for n, r in enumerate(replies) if processes[n % 3] is caller]
+    assert {r.source for r in from_caller} == {Source.CRM}
+    assert {r.source for r in replies if r not in from_caller} == {Source.CACHE}
+    merged = sum(p.sample("callerid_crm_lookups_merged_total", node="gold") for p in processes)
+    hits = sum(
+        p.sample("callerid_cache_lookups_total", node="gold", result="hit") for p in processes
+    )
+    assert merged + hits == 49
+    assert sum(p.cache.errors for p in processes) == 0
+
+
+async def test_the_lock_lasts_the_budget_plus_margin_and_is_released(
+    processes: list[Process], redis_base_url: str
+) -> None:
+    """While a resolver asks the CRM its lock lives for the request's time left plus
+    LOCK_MARGIN; after the answer is stored the lock is gone."""
+    first = processes[0]
+    key = first.cache.flight_key("1", "555")
+    raw = redis.asyncio.Redis.from_url(redis_base_url)
+    try:
+        task = asyncio.create_task(first.resolver(request("555", left=2.0)))
+        await first.crm.entered.wait()
+        assert 1_500 < await raw.pttl(key) <= (2.0 + LOCK_MARGIN) * 1000
+        assert first.crm.gate is not None
+        first.crm.gate.set()
+        assert (await task).source is Source.CRM
+        assert await raw.exists(key) == 0
+    finally:
+        await raw.aclose()
+    assert await first.cache.fetch("1", "555") == destination(1, 7)
+
+
+async def test_a_holder_that_died_delays_others_by_at_most_its_lock_ttl(
+    processes: list[Process],
+) -> None:
+    """A lock whose holder never releases it (killed) makes others wait until it expires,
+    no longer: then one of them takes the lock and asks the CRM itself."""
+    lock_ttl = 0.3
+    first = processes[0]
+    assert first.crm.gate is not None
+    first.crm.gate.set()
+    started = time.monotonic()
+    dead = await first.cache.lead("1", "999", lock_ttl)
+    assert isinstance(dead, Lease)
+    replies = await asyncio.gather(
+        *(processes[n % 3].resolver(request("999", left=3.0)) for n in range(6))
+    )
+    waited = time.monotonic() - started
+    assert lock_ttl - 0.05 <= waited < lock_ttl + 0.3
+    assert sum(len(p.crm.calls) for p in processes) == 1
+    assert {r.verdict for r in replies} == {Verdict.DESTINATION}
+    assert sum(r.source is Source.CRM for r in replies) == 2  # the calling process's two
