@@ -1,0 +1,5 @@
+import sys
+
+from agi_gateway.app import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Composition root of the gateway: the only place gateway objects are built from settings.
+
+Two ways to get decisions behind the same `Identifier` port:
+- embedded (the default when no AMQP URL is set, or `--embedded`): the resolver runs in this
+  process behind the in-memory bus; Redis is used for the cache if `CALLERID_REDIS_URL` is set;
+- scaled out: requests go to RabbitMQ and any number of `crm-resolver` processes answer.
+
+Shutdown on SIGTERM/SIGINT: /readyz turns 503, the listener closes, live calls finish within
+`drain_timeout`, the rest take their failover decision, then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from agi_gateway.amqp_identifier import AmqpIdentifier
+from agi_gateway.flow import CallFlow, FlowSettings
+from agi_gateway.metrics import GatewayMetrics
+from agi_gateway.routing import JumpTemplates
+from agi_gateway.server import AgiServer
+from agi_gateway.settings import GatewaySettings
+from crm_resolver.app import build_resolver
+from crm_resolver.metrics import ResolverMetrics
+from crm_resolver.settings import ResolverSettings
+from shared import runtime
+from shared.http_endpoints import start_http
+from shared.memory_bus import MemoryBus
+from shared.node_sources import NodeStore, source_from_setting
+from shared.nodes import ConfigError, NodeSet
+from shared.ports import Identifier
+from shared.settings import add_common_flags, configure_logging, flag_overrides, parse_listen
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """A running gateway: started by `start`, stopped by `stop` (tests drive it directly)."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry)
+        self._stack = contextlib.AsyncExitStack()
+        self._amqp: AmqpIdentifier | None = None
+        self.store: NodeStore | None = None
+        self.server: AgiServer | None = None
+        self.http_port = 0
+
+    def _on_reload(self, ok: bool, nodes: NodeSet | None) -> None:
+        self.metrics.config_reloads.labels("ok" if ok else "error").inc()
+        if nodes is not None:
+            self.metrics.init_nodes(nodes.names())
+            self.metrics.nodes_configured.set(len(nodes))
+
+    async def start(self) -> None:
+        """Load nodes (ConfigError if they are bad), connect, listen."""
+        settings = self.settings
+        self.store = NodeStore(source_from_setting(settings.nodes), on_reload=self._on_reload)
+        self._stack.push_async_callback(self.store.source.close)
+        nodes = await self.store.load_initial()
+        self._on_reload(True, nodes)
+        identifier = await self._identifier()
+        store = self.store
+        flow = CallFlow(
+            lambda: store.current,
+            identifier,
+            self.metrics,
+            FlowSettings(
+                jumps=JumpTemplates(settings.jump_templates),
+                fallback=settings.fallback_destination,
+                max_hops=settings.max_hops,
+                environment_timeout=settings.environment_timeout,
+                show_customer_ids=settings.show_customer_ids,
+            ),
+        )
+        self.server = AgiServer(
+            flow,
+            self.metrics,
+            max_calls=settings.max_calls,
+            command_timeout=settings.command_timeout,
+        )
+        await self.server.start(*parse_listen(settings.agi_listen))
+        host, port = parse_listen(settings.http_listen)
+        http = await start_http(host, port, self.registry, self.ready)
+        self._stack.push_async_callback(http.cleanup)
+        self.http_port = int(http.addresses[0][1])
+
+    async def _identifier(self) -> Identifier:
+        settings = self.settings
+        assert self.store is not None
+        if settings.runs_embedded:
+            log.info("embedded mode: the resolver runs in this process (no broker)")
+            bus = MemoryBus(
+                concurrency=settings.embedded_concurrency,
+                on_late_reply=self.metrics.late_replies.inc,
+            )
+            self._stack.push_async_callback(bus.close)
+            resolver_settings = ResolverSettings.model_validate(settings.model_dump())
+            resolver = await build_resolver(
+                self._stack, resolver_settings, self.store, ResolverMetrics(self.registry)
+            )
+            bus.bind(resolver)
+            return bus
+        assert settings.amqp_url is not None
+        self._amqp = AmqpIdentifier(
+            settings.amqp_url,
+            self.metrics,
+            topology=Topology(prefix=settings.amqp_prefix),
+            publish_timeout=settings.publish_timeout,
+        )
+        await self._amqp.start()
+        self._stack.push_async_callback(self._amqp.close)
+        return self._amqp
+
+    def ready(self) -> bool:
+        serving = self.server is not None and self.server.serving
+        return serving and (self._amqp is None or self._amqp.ready)
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        assert self.store is not None
+        await runtime.wait_first(stop, self.store.watch(self.settings.reload_interval))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.drain(self.settings.drain_timeout)
+        await self._stack.aclose()
+
+
+async def serve(settings: GatewaySettings) -> int:
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        await gateway.stop()
+        return 2
+    stop = runtime.stop_on_signals()
+    await gateway.run_until(stop)
+    await gateway.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agi-gateway", description=__doc__)
+    add_common_flags(parser)
+    parser.add_argument("--agi-listen", help="host:port for FastAGI (CALLERID_AGI_LISTEN)")
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        default=None,
+        help="run the resolver in this process: no broker needed (CALLERID_EMBEDDED)",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, help="seconds to let calls finish on SIGTERM"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = GatewaySettings(**flag_overrides(args))
+    except ValueError as exc:
+        print(f"agi-gateway: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return runtime.run(lambda: serve(settings))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from crm_resolver.app import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""Composition root of the resolver: the only place resolver objects are built from settings.
+
+`build_resolver` is shared with the gateway's embedded mode, so the resolver runs the same way
+in-process and as the `crm-resolver` service (RabbitMQ consumer). Shutdown on SIGTERM: stop
+consuming, finish in-flight requests (up to `stop_timeout`), then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+from shared.node_sources import NodeStore, source_from_setting
+
+from crm_resolver.amqp_worker import AmqpWorker
+from crm_resolver.circuit import BreakerRegistry
+from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
+from crm_resolver.memory_cache import MemoryCache
+from crm_resolver.metrics import ResolverMetrics
+from crm_resolver.ports import Cache, FlightLock
+from crm_resolver.redis_cache import RedisCache
+from crm_resolver.resolver import Resolver
+from crm_resolver.settings import ResolverSettings
+from shared import runtime
+from shared.http_endpoints import start_http
+from shared.metrics import UNKNOWN_NODE
+from shared.nodes import ConfigError
+from shared.settings import add_common_flags, configure_logging, flag_overrides, parse_listen
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+def node_labeler(store: NodeStore) -> Callable[[str], str]:
+    """Metric label for a node id: its configured name (ids never become labels)."""
+
+    def label(node_id: str) -> str:
+        node = store.current.get(node_id)
+        return node.name if node is not None else UNKNOWN_NODE
+
+    return label
+
+
+async def build_resolver(
+    stack: contextlib.AsyncExitStack,
+    settings: ResolverSettings,
+    store: NodeStore,
+    metrics: ResolverMetrics,
+) -> Resolver:
+    """The resolver with its CRM client and cache; closers go on `stack`."""
+    metrics.init_nodes(store.current.names())
+    crm = HttpCrmClient(
+        CrmHttpSettings(
+            ca_bundle=settings.crm_ca_bundle, max_connections=settings.crm_max_connections
+        )
+    )
+    await crm.start()
+    stack.push_async_callback(crm.close)
+    cache: Cache
+    # Resolvers sharing a Redis merge identical lookups across processes through it; alone
+    # on a memory cache, the in-process single-flight is all there is to merge.
+    flights: FlightLock | None = None
+    if settings.redis_url:
+        redis_cache = RedisCache.from_url(
+            settings.redis_url,
+            timeout=settings.cache_timeout,
+            pepper=settings.cache_key_pepper,
+        )
+        stack.push_async_callback(redis_cache.close)
+        cache = flights = redis_cache
+    else:
+        cache = MemoryCache()
+    breakers = BreakerRegistry(
+        failure_threshold=settings.breaker_failures, reset_after=settings.breaker_reset
+    )
+    resolver = Resolver(
+        lambda: store.current, crm, cache, metrics, breakers=breakers, flights=flights
+    )
+    stack.push_async_callback(resolver.close)
+    return resolver
+
+
+async def serve(settings: ResolverSettings) -> int:
+    if not settings.amqp_url:
+        log.error("crm-resolver needs CALLERID_AMQP_URL (or run `agi-gateway --embedded`)")
+        return 2
+    try:
+        store = NodeStore(source_from_setting(settings.nodes))
+        await store.load_initial()
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    registry = CollectorRegistry()
+    async with contextlib.AsyncExitStack() as stack:
+        metrics = ResolverMetrics(registry)
+        resolver = await build_resolver(stack, settings, store, metrics)
+        worker = AmqpWorker(
+            settings.amqp_url,
+            resolver,
+            metrics,
+            topology=Topology(prefix=settings.amqp_prefix),
+            prefetch=settings.prefetch,
+            node_label=node_labeler(store),
+        )
+        await worker.start()
+        host, port = parse_listen(settings.http_listen)
+        http = await start_http(host, port, registry, lambda: worker.ready)
+        stack.push_async_callback(http.cleanup)
+        stop = runtime.stop_on_signals()
+        await runtime.wait_first(stop, store.watch(settings.reload_interval))
+        log.info("stopping: finishing %d in-flight requests", worker.in_flight)
+        await worker.stop(drain_timeout=settings.stop_timeout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="crm-resolver", description=__doc__)
+    add_common_flags(parser)
+    parser.add_argument(
+        "--prefetch", type=int, help="requests worked on at once (CALLERID_PREFETCH)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = ResolverSettings(**flag_overrides(args))
+    except ValueError as exc:
+        print(f"crm-resolver: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return runtime.run(lambda: serve(settings))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
