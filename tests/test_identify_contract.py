@@ -28,6 +28,7 @@ from shared.messages import IdentifyReply, IdentifyRequest
 from shared.outcomes import ErrorCode, Source, Verdict
 from shared.ports import Identifier, IdentifyTimeout, IdentifyUnavailable, RequestHandler
 from shared.topology import Topology
+from tests.waiting import eventually
 
 ON_TIME = 0.1  # a timeout may come this much after the deadline, never before it
 
@@ -70,13 +71,6 @@ class EchoHandler:
         if self.gate is not None:
             await self.gate.wait()
         return answer(request)
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Wait for a condition another party makes true (a broker delivery), failing after `within`."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - the condition is another process's doing
-            await asyncio.sleep(0.005)
 
 
 @dataclass
