@@ -16,7 +16,7 @@ DEFAULT_ALLOWED_TYPES: frozenset[int] = frozenset({1, 2, 3, 5, 9})
 IDENTIFICATION_NODE_TYPE = 9
 
 # "1,3", "(1,3)", " 1 , 3 " and "[1, 3]" are what real CRMs and OMniLeads' hashes contain.
-_PAIR = re.compile(r"\s*[\(\[]?\s*(\d{1,9})\s*,\s*(\d{1,9})\s*[\)\]]?\s*")
+_PAIR = re.compile(r"[ \t]*[\(\[]?[ \t]*([0-9]{1,10})[ \t]*,[ \t]*([0-9]{1,10})[ \t]*[\)\]]?[ \t]*")
 
 
 class Destination(BaseModel):

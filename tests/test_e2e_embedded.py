@@ -190,7 +190,7 @@ async def test_crm_slow_failing_or_garbage_fails_over(
 
 
 async def test_crm_down_fails_over(stack: Stack) -> None:
-    """A CRM that refuses connections is crm_error, routed to on_error."""
+    """A CRM that answers 503 to everything is crm_error, routed to on_error."""
     await stack.crm.set_mode("down")
     result = await stack.call(CallScript(node="1", entries=["12345"]))
     assert outcome(result) == ("crm_error", "1", "9", "failover")
