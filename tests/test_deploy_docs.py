@@ -1,4 +1,4 @@
-"""docs/operations.md stays in step with what the services export and what Prometheus alerts on."""
+"""The docs follow what the services export (README) and alert on (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import re
 from tests import deploy_helpers as h
 
 OPERATIONS = h.ROOT / "docs" / "operations.md"
+README = h.ROOT / "README.md"
 
 
 def _documented_metrics() -> set[str]:
-    return set(re.findall(r"^\| `(callerid_[a-z_]+)` \|", OPERATIONS.read_text(), re.MULTILINE))
+    return set(re.findall(r"^\| `(callerid_[a-z_]+)` \|", README.read_text(), re.MULTILINE))
 
 
 def test_every_exported_metric_is_documented() -> None:
-    """The metric table lists each metric family of both services, and nothing else."""
+    """The README's metric table lists each metric family of both services, and nothing else."""
     families = set()
     for registry in (h.gateway_registry(), h.resolver_registry()):
         for family in registry.collect():
