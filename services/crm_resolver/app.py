@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
-from shared.node_sources import NodeStore, source_from_setting
 
 from crm_resolver.amqp_worker import AmqpWorker
 from crm_resolver.circuit import BreakerRegistry
@@ -28,6 +27,7 @@ from crm_resolver.settings import ResolverSettings
 from shared import runtime
 from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
+from shared.node_sources import NodeStore, source_from_setting
 from shared.nodes import ConfigError
 from shared.settings import add_common_flags, configure_logging, flag_overrides, parse_listen
 from shared.topology import Topology
