@@ -21,14 +21,15 @@ from pydantic import (
     model_validator,
 )
 
-from shared.destination import DEFAULT_ALLOWED_TYPES, Destination
+from shared.destination import DEFAULT_ALLOWED_TYPES, IDENTIFICATION_NODE_TYPE, Destination
 from shared.outcomes import Interaction
 
 # Asterisk sound names: path segments of letters, digits, '_', '-' and '.', no extension
 # needed. Anything else could not be a file name and could break the AGI quoting.
-_SOUND = re.compile(r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-.]+)*")
+_SOUND = re.compile(r"[A-Za-z0-9_\-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9_\-.]+)*")
 _NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _TERMINATORS = ("#", "*", "")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class ConfigError(Exception):
@@ -69,14 +70,55 @@ class NodeConfig(BaseModel):
     allowed_destination_types: frozenset[int] = DEFAULT_ALLOWED_TYPES
     cache_ttl_positive: float = Field(default=300, ge=0, le=86_400)
     cache_ttl_negative: float = Field(default=60, ge=0, le=86_400)
+    # Securing CRM calls (DESIGN §5), all off by default so an OMniLeads CRM works unchanged.
+    # Secrets never live in the config: these name environment variables the resolver reads.
+    crm_token_env: str | None = None
+    crm_signing_secret_env: str | None = None
+    crm_send_context: bool = False
+
+    @field_validator(
+        "expected_length",
+        "timeout",
+        "attempts",
+        "inter_digit_timeout",
+        "min_length",
+        "max_length",
+        "crm_timeout",
+        "hold_music_after",
+        "cache_ttl_positive",
+        "cache_ttl_negative",
+        mode="before",
+    )
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # YAML reads `yes`/`true` as booleans, and pydantic would take them as 1.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
     @field_validator("id", mode="before")
     @classmethod
     def _id_is_word(cls, value: Any) -> str:
+        if isinstance(value, bool):
+            raise ValueError("must be 1-64 letters, digits, '_' or '-'")
         text = str(value).strip() if isinstance(value, str | int) else value
         if not isinstance(text, str) or not _NODE_ID.fullmatch(text):
             raise ValueError("must be 1-64 letters, digits, '_' or '-'")
         return text
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError("must be printable and not blank")
+        return value.strip()
+
+    @field_validator("allowed_destination_types")
+    @classmethod
+    def _types_in_range(cls, value: frozenset[int]) -> frozenset[int]:
+        if not value or any(not 0 <= t <= 999 for t in value):
+            raise ValueError("must be a non-empty list of destination types 0..999")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -84,8 +126,10 @@ class NodeConfig(BaseModel):
         if value is None or value.strip() == "":
             return None
         value = value.strip()
-        if not re.match(r"https?://[^\s/?#]+", value, re.IGNORECASE):
-            raise ValueError("must be an http:// or https:// URL with a host")
+        if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value, re.IGNORECASE) or not (
+            value.isascii() and value.isprintable()
+        ):
+            raise ValueError("must be an http:// or https:// URL with a host, no spaces")
         return value
 
     @field_validator("audio", "invalid_audio", "confirm_audio", "hold_music_class")
@@ -94,6 +138,15 @@ class NodeConfig(BaseModel):
         if value is not None and not _SOUND.fullmatch(value):
             raise ValueError("must be an Asterisk sound name (letters, digits, _ - . /)")
         return value
+
+    @field_validator("crm_token_env", "crm_signing_secret_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        if not _ENV_NAME.fullmatch(value.strip()):
+            raise ValueError("must name an environment variable (letters, digits, '_')")
+        return value.strip()
 
     @field_validator("terminator")
     @classmethod
@@ -121,6 +174,12 @@ class NodeConfig(BaseModel):
             raise ValueError("min_length: must not exceed max_length")
         return self
 
+    def static_destinations(self) -> list[tuple[str, Destination]]:
+        """The configured destinations, by field name (CRM-named ones come later)."""
+        fields = ("on_identified", "on_not_identified", "on_no_input", "on_invalid", "on_error")
+        found = ((field, getattr(self, field)) for field in fields)
+        return [(field, dest) for field, dest in found if dest is not None]
+
     @property
     def max_digits(self) -> int:
         return self.expected_length or self.max_length
@@ -146,10 +205,22 @@ class NodeSet:
 
     def __init__(self, nodes: Iterable[NodeConfig]) -> None:
         self._by_id: dict[str, NodeConfig] = {}
+        names: set[str] = set()
         for node in nodes:
             if node.id in self._by_id:
                 raise ConfigError(f"node {node.id!r}: id: duplicate node id")
+            if node.name in names:
+                raise ConfigError(f"node {node.id!r}: name: {node.name!r} is used by another node")
+            names.add(node.name)
             self._by_id[node.id] = node
+        for node in self._by_id.values():
+            for field, destination in node.static_destinations():
+                dangling = str(destination.id) not in self._by_id
+                if destination.type == IDENTIFICATION_NODE_TYPE and dangling:
+                    raise ConfigError(
+                        f"node {node.id!r}: {field}: type 9 names node {destination.id},"
+                        " which is not configured"
+                    )
 
     def get(self, node_id: str) -> NodeConfig | None:
         return self._by_id.get(node_id)
@@ -166,15 +237,19 @@ class NodeSet:
 
 def build_node(raw: Mapping[str, Any], *, where: str = "") -> NodeConfig:
     """Validate one raw node; a failure becomes a ConfigError naming node and field."""
-    node_ref = repr(str(raw.get("id", "?")))
+    # Only a scalar id is quoted, and only a little of it: `str()` of a YAML alias bomb
+    # (a list of lists of the same list...) would take the process down.
+    raw_id = raw.get("id", "?")
+    node_ref = repr(str(raw_id)[:64] if isinstance(raw_id, str | int) else "?")
     try:
         return NodeConfig.model_validate(dict(raw))
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "node"
+            field = ".".join(str(part) for part in error["loc"])
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{field}: {message}")
+            # Whole-node checks name their field in the message itself.
+            problems.append(f"{field}: {message}" if field else message)
         prefix = f"{where}: " if where else ""
         raise ConfigError(f"{prefix}node {node_ref}: " + "; ".join(problems)) from exc
 
