@@ -2,8 +2,14 @@
 
 A `Stack` runs the mock CRM, any number of `crm-resolver` processes and one `agi-gateway`
 (scaled-out over RabbitMQ, or embedded), each on free loopback ports, waits until every one
-answers /readyz, and stops them by PID. Its RabbitMQ names carry a unique prefix and its cache
-keys a unique pepper, so several stacks and test runs can share one broker and one Redis.
+answers /readyz, and stops them by PID (a paused process is woken so that SIGTERM can act;
+a stack that fails to start stops what it had started). Its RabbitMQ names carry a unique
+prefix and its cache keys a unique pepper, so several stacks and test runs can share one
+broker and one Redis. Fault tests pause (SIGSTOP), resume and kill single processes, and
+`redis_server` gives them a private Redis they may stop, never the shared one.
+
+`expected_decision` says what the default nodes make of the default CRM table's answers, so
+tests can check every call of a load against its inputs.
 
 Not for production: it exists so that tests and `bench/` exercise the same processes an
 operator runs, with the same console scripts and environment variables.
@@ -36,6 +42,51 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def redis_server(workdir: Path, port: int | None = None) -> Proc:
+    """A private, started redis-server (no persistence) on loopback, for tests that stop it.
+
+    Never the shared Redis: tests that take Redis away must not take it from anyone else.
+    `port` lets a test start it again where the services expect it.
+    """
+    port = port if port is not None else free_port()
+    proc = Proc(
+        f"redis-{port}",
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        dict(os.environ),
+        workdir / f"redis-{port}.log",
+    )
+    proc.start()
+    try:
+        proc.wait_listening(port)
+    except BaseException:
+        proc.stop()
+        raise
+    proc.tcp_port = port
+    return proc
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -63,6 +114,7 @@ class Proc:
     log_path: Path
     http_port: int | None = None
     popen: subprocess.Popen[bytes] | None = None
+    tcp_port: int | None = None  # the service port of a server without HTTP (redis_server)
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -85,18 +137,44 @@ class Proc:
             assert self.popen is not None
             self.popen.send_signal(signum)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its sockets but does nothing (a hung process)."""
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL and reap: a crash, with no chance to clean up."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait, then SIGKILL: never leaves the process behind."""
         if self.popen is None:
             return None
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
+            # A paused (SIGSTOPped) process would keep SIGTERM pending until the timeout.
+            self.popen.send_signal(signal.SIGCONT)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.returncode
+
+    def wait_listening(self, port: int, timeout: float = READY_TIMEOUT) -> None:
+        """Until something accepts TCP connections on 127.0.0.1:port (servers without HTTP)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
+            if port_answers(port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not listening within {timeout:g} s:\n{self.tail()}")
 
     def wait_ready(self, path: str = "/readyz", timeout: float = READY_TIMEOUT) -> None:
         assert self.http_port is not None
@@ -170,6 +248,35 @@ nodes:
     on_not_identified: {{type: 1, id: 6}}
 """
 
+# What DEFAULT_NODES make of DEFAULT_TABLE's answers: (outcome, destination type, id) by node
+# and CRM answer, and each node's failover destination (on_error). Tests check calls by these.
+DEFAULT_DECISIONS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "1": {
+        "true": ("identified", "1", "3"),
+        "false": ("not_identified", "1", "4"),
+        "1,7": ("crm_bad_response", "1", "9"),  # a true/false node given a destination
+    },
+    "3": {
+        "true": ("identified", "1", "3"),
+        "false": ("not_identified", "1", "4"),
+        "1,7": ("crm_destination", "1", "7"),
+    },
+}
+DEFAULT_FAILOVER: dict[str, tuple[str, str]] = {"1": ("1", "9"), "3": ("5", "1")}
+
+
+def default_answer(customer_id: str) -> str:
+    """The destination DEFAULT_TABLE's rules give `customer_id` (not its delayed "33333")."""
+    if customer_id.startswith("1"):
+        return "true"
+    return "1,7" if customer_id.startswith("2") else "false"
+
+
+def expected_decision(node: str, customer_id: str) -> tuple[str, str, str]:
+    """(OML_IDENT_OUTCOME, OML_DEST_TYPE, OML_DEST_ID) for a call to a default CRM node."""
+    return DEFAULT_DECISIONS[node][default_answer(customer_id)]
+
+
 DEFAULT_TABLE: dict[str, Any] = {
     "default": {"destination": "false"},
     "rules": [
@@ -192,6 +299,7 @@ class Stack:
     crm_latency_jitter_ms: float = 0.0
     nodes_template: str = DEFAULT_NODES
     extra_env: dict[str, str] = field(default_factory=dict)
+    crm_args: list[str] = field(default_factory=list)  # more mock CRM flags (--log-level ...)
     prefix: str = field(default_factory=lambda: f"stack-{uuid.uuid4().hex[:10]}")
     crm: Proc | None = None
     gateway: Proc | None = None
@@ -225,6 +333,14 @@ class Stack:
         return env
 
     def start(self) -> Stack:
+        """Start everything and wait until it is ready; on failure, stop what was started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         table = self.workdir / "crm_table.json"
@@ -241,6 +357,7 @@ class Stack:
                 str(self.crm_latency_ms),
                 "--latency-jitter-ms",
                 str(self.crm_latency_jitter_ms),
+                *self.crm_args,
             ],
             self._env(free_port()),
             self.workdir / "mock-crm.log",
@@ -284,7 +401,11 @@ class Stack:
     def crm_mode(self, mode: str, **extra: Any) -> None:
         http_post_json(f"{self.crm_url}/_mode", {"mode": mode, **extra})
 
+    def crm_reset(self) -> None:
+        http_post_json(f"{self.crm_url}/_reset", {})
+
     def resolver_metric(self, name: str, **labels: str) -> float:
+        """Summed over the resolvers still running (do not ask while one is paused)."""
         return sum(
             metric_value(p.metrics(), name, **labels) for p in self.resolver_procs if p.alive
         )
