@@ -285,7 +285,7 @@ async def test_dropped_connection_fails_waiting_calls_and_replies_work_after_rec
         started = time.monotonic()
         # Fault injection: close the socket-level connection under the robust wrapper, as a
         # network drop would; aio-pika then reconnects by itself.
-        connection = identifier._connection
+        connection = identifier._link._connection
         assert connection is not None
         assert connection.transport is not None
         await connection.transport.connection.close()

@@ -31,19 +31,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, cast
+from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractIncomingMessage,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
 )
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from agi_gateway.metrics import GatewayMetrics
+from shared.amqp_link import AmqpLink
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.ports import IdentifyTimeout, IdentifyUnavailable
 from shared.topology import JSON, REPLY_TO, Topology
@@ -68,14 +66,10 @@ class AmqpIdentifier:
         publish_timeout: float = 0.5,
         reconnect_interval: float = 2.0,
     ) -> None:
-        self._url = url
         self._metrics = metrics
         self._topology = topology
-        self._connection_name = connection_name
         self._publish_timeout = publish_timeout
-        self._reconnect_interval = reconnect_interval
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
         self._consuming = False
         self._closed = False
         self._pending: dict[str, asyncio.Future[IdentifyReply]] = {}
@@ -84,16 +78,7 @@ class AmqpIdentifier:
     async def start(self) -> None:
         started = False
         try:
-            self._connection = await aio_pika.connect_robust(
-                self._url,
-                client_properties={"connection_name": self._connection_name},
-                reconnect_interval=self._reconnect_interval,
-            )
-            channel = cast(
-                AbstractRobustChannel,
-                await self._connection.channel(publisher_confirms=True, on_return_raises=True),
-            )
-            self._channel = channel
+            channel = await self._link.open(on_return_raises=True)
             channel.close_callbacks.add(self._on_channel_closed)
             channel.reopen_callbacks.add(self._on_channel_reopened)
             await self._topology.declare(channel)
@@ -102,31 +87,19 @@ class AmqpIdentifier:
             started = True
         finally:
             if not started:
-                await self._close_connection()
+                await self._link.close()
         self._consuming = True
 
     async def close(self) -> None:
         self._closed = True
         self._consuming = False
         self._fail_pending("the identifier is closing")
-        await self._close_connection()
-
-    async def _close_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
+        await self._link.close()
 
     @property
     def ready(self) -> bool:
         """Connected, channel open and consuming replies: requests can be answered."""
-        connection, channel = self._connection, self._channel
-        return (
-            self._consuming
-            and connection is not None
-            and connection.connected.is_set()
-            and channel is not None
-            and not channel.is_closed
-        )
+        return self._consuming and self._link.up
 
     @property
     def pending(self) -> int:
@@ -139,7 +112,7 @@ class AmqpIdentifier:
             raise IdentifyTimeout("the request's deadline had passed before it was sent")
         if not self.ready:
             raise IdentifyUnavailable("not connected to the broker")
-        channel = self._channel
+        channel = self._link.channel
         assert channel is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + left

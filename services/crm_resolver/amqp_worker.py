@@ -33,16 +33,15 @@ from collections.abc import Callable
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
     ConsumerTag,
 )
 from pydantic import ValidationError
 
 from crm_resolver.metrics import ResolverMetrics
+from shared.amqp_link import AmqpLink
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.outcomes import ErrorCode
 from shared.ports import RequestHandler
@@ -68,17 +67,13 @@ class AmqpWorker:
         node_label: Callable[[str], str] = lambda node_id: node_id,
         reconnect_interval: float = 2.0,
     ) -> None:
-        self._url = url
         self._handler = handler
         self._metrics = metrics
         self._topology = topology
         self._prefetch = prefetch
-        self._connection_name = connection_name
         self._clock = clock
         self._node_label = node_label
-        self._reconnect_interval = reconnect_interval
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
         self._queue: AbstractQueue | None = None
         self._dead_letters: AbstractExchange | None = None
         self._consumer_tag: ConsumerTag | None = None
@@ -89,13 +84,7 @@ class AmqpWorker:
     async def start(self) -> None:
         started = False
         try:
-            self._connection = await aio_pika.connect_robust(
-                self._url,
-                client_properties={"connection_name": self._connection_name},
-                reconnect_interval=self._reconnect_interval,
-            )
-            channel = await self._connection.channel(publisher_confirms=True)
-            self._channel = channel
+            channel = await self._link.open()
             await channel.set_qos(prefetch_count=self._prefetch)
             declared = await self._topology.declare(channel)
             self._queue = declared.request_queue
@@ -104,7 +93,7 @@ class AmqpWorker:
             started = True
         finally:
             if not started:
-                await self._close_connection()
+                await self._link.close()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish the ones in flight (up to `drain_timeout` s), then close."""
@@ -124,24 +113,12 @@ class AmqpWorker:
             log.warning(
                 "stopping with %d requests in flight: they will be redelivered", self._in_flight
             )
-        await self._close_connection()
-
-    async def _close_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
+        await self._link.close()
 
     @property
     def ready(self) -> bool:
         """Connected, channel open and consuming requests."""
-        connection, channel = self._connection, self._channel
-        return (
-            self._consumer_tag is not None
-            and connection is not None
-            and connection.connected.is_set()
-            and channel is not None
-            and not channel.is_closed
-        )
+        return self._consumer_tag is not None and self._link.up
 
     @property
     def in_flight(self) -> int:
@@ -200,7 +177,7 @@ class AmqpWorker:
     async def _reply(
         self, message: AbstractIncomingMessage, reply_to: str, reply: IdentifyReply, deadline: float
     ) -> None:
-        channel = self._channel
+        channel = self._link.channel
         assert channel is not None
         body = reply.model_dump_json().encode()
         # Bounded: past the deadline nobody waits for this reply, so neither should we.
