@@ -56,8 +56,8 @@ Reload semantics (`NodeStore`):
   pipelined round trip) and reloads when it says so.
 
 Errors: every failure to produce a set is `shared.nodes.ConfigError`, whose message names the
-source, the node and the field; foreign exceptions (OSError, YAMLError, RedisError) are
-translated here, once, with `from exc`.
+source, the node and the field; foreign exceptions (OSError, YAMLError and the ValueError or
+RecursionError PyYAML also raises, RedisError) are translated here, once, with `from exc`.
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ class YamlFileSource:
             document = yaml.safe_load(data)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: {_describe_yaml_error(exc)}") from exc
+        except RecursionError as exc:
+            raise ConfigError(f"{where}: nested too deeply") from exc
+        except ValueError as exc:
+            # PyYAML's own conversions: integers past Python's digit limit, impossible dates.
+            raise ConfigError(f"{where}: a value cannot be read: {str(exc)[:80]}") from exc
         return nodes_from_document(document, where=where)
 
     async def close(self) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -42,6 +42,15 @@ class CommonSettings(BaseSettings):
     log_level: str = "INFO"
     reload_interval: float = Field(default=5.0, ge=0.5, le=3600)
     crm_ca_bundle: str | None = None
+    crm_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated CRM hosts requests may go to ('*.example.com' allowed); "
+        "empty: any host.",
+    )
+    crm_allow_metadata: bool = Field(
+        default=False,
+        description="Let CRM requests reach link-local and cloud metadata addresses.",
+    )
     cache_key_pepper: str = ""
     show_customer_ids: bool = Field(
         default=False, description="Debug only: log customer ids in clear."
@@ -51,6 +60,13 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)
+        return value
+
+    @field_validator("crm_allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(host.strip() for host in value.split(",") if host.strip())
         return value
 
     @field_validator("log_level")

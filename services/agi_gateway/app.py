@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 
 from prometheus_client import CollectorRegistry
@@ -28,10 +29,11 @@ from agi_gateway.settings import GatewaySettings
 from crm_resolver.app import build_resolver
 from crm_resolver.metrics import ResolverMetrics
 from crm_resolver.settings import ResolverSettings
+from crm_resolver.signing import CheckedSource, CrmCredentials
 from shared import runtime
 from shared.http_endpoints import start_http
 from shared.memory_bus import MemoryBus
-from shared.node_sources import NodeStore, source_from_setting
+from shared.node_sources import NodeSource, NodeStore, source_from_setting
 from shared.nodes import ConfigError, NodeSet
 from shared.ports import Identifier
 from shared.settings import add_common_flags, configure_logging, flag_overrides, parse_listen
@@ -50,6 +52,7 @@ class Gateway:
         self._stack = contextlib.AsyncExitStack()
         self._amqp: AmqpIdentifier | None = None
         self.store: NodeStore | None = None
+        self._credentials: CrmCredentials | None = None
         self.server: AgiServer | None = None
         self.http_port = 0
 
@@ -62,7 +65,13 @@ class Gateway:
     async def start(self) -> None:
         """Load nodes (ConfigError if they are bad), connect, listen."""
         settings = self.settings
-        self.store = NodeStore(source_from_setting(settings.nodes), on_reload=self._on_reload)
+        source: NodeSource = source_from_setting(settings.nodes)
+        if settings.runs_embedded:
+            # The embedded resolver needs the nodes' CRM secrets: a config naming one that is
+            # not in the environment fails here (start-up) or is refused (reload).
+            self._credentials = CrmCredentials(os.environ)
+            source = CheckedSource(source, self._credentials)
+        self.store = NodeStore(source, on_reload=self._on_reload)
         self._stack.push_async_callback(self.store.source.close)
         nodes = await self.store.load_initial()
         self._on_reload(True, nodes)
@@ -104,7 +113,11 @@ class Gateway:
             self._stack.push_async_callback(bus.close)
             resolver_settings = ResolverSettings.model_validate(settings.model_dump())
             resolver = await build_resolver(
-                self._stack, resolver_settings, self.store, ResolverMetrics(self.registry)
+                self._stack,
+                resolver_settings,
+                self.store,
+                ResolverMetrics(self.registry),
+                self._credentials,
             )
             bus.bind(resolver)
             return bus

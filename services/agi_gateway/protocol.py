@@ -40,9 +40,10 @@ _EXCERPT = 60
 
 _ENV_NAME = re.compile(r"[a-z0-9_]+")
 # `200 result=<word>[ (<data>)][ endpos=<n>]`. The data is greedy up to the last ")" before an
-# optional endpos, so "200 result=1 (a (b) c)" keeps the inner parentheses.
+# optional endpos, so "200 result=1 (a (b) c)" keeps the inner parentheses. endpos is a sample
+# offset (a C long): at most 18 digits, so int() never meets Python's 4300-digit limit.
 _SUCCESS = re.compile(
-    r"200 result=(?P<result>[^ ]*)(?: \((?P<data>.*)\))?(?: endpos=(?P<endpos>-?[0-9]+))?"
+    r"200 result=(?P<result>[^ ]*)(?: \((?P<data>.*)\))?(?: endpos=(?P<endpos>-?[0-9]{1,18}))?"
 )
 _FAILURE = re.compile(r"(?P<code>510|511|520)(?: .*)?")
 _USAGE_START = "520-"

@@ -75,6 +75,11 @@ class AgiSession:
         self._command_timeout = command_timeout
         self._environment: asyncio.Future[Environment] = asyncio.get_running_loop().create_future()
         self._replies: deque[Reply] = deque()
+        # Commands written whose reply has not been taken yet. Asterisk answers each command
+        # exactly once, so more replies than this is a peer that is not Asterisk: refusing
+        # them keeps `_replies` bounded (a flood would otherwise pile up while the flow waits
+        # for the CRM) and keeps a pre-sent reply from answering a later command.
+        self._awaiting = 0
         self._reply_ready = asyncio.Event()
         self._ended: AgiSessionError | None = None  # EOF or protocol error: no reply will come
         self.hangup = asyncio.Event()  # set on HANGUP or EOF; the flow races long waits on it
@@ -103,6 +108,7 @@ class AgiSession:
         if self._ended is not None:
             raise self._ended
         self._writer.write(command.encode())
+        self._awaiting += 1
         limit = self._command_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -124,6 +130,7 @@ class AgiSession:
                 raise self._ended
             self._reply_ready.clear()
             await self._reply_ready.wait()
+        self._awaiting -= 1
         return self._replies.popleft()
 
     async def _read_loop(self) -> None:
@@ -137,7 +144,8 @@ class AgiSession:
                     break
             self._end(CallerHungUp("Asterisk closed the connection"))
         except AgiProtocolError as exc:
-            log.warning("AGI peer broke the protocol: %s", exc)
+            # Logged once, by whoever ends the call (server or flow), not here as well.
+            log.debug("AGI peer broke the protocol: %s", exc)
             self._end(AgiPeerError(str(exc)))
         except ConnectionError:
             self._end(CallerHungUp("connection reset by Asterisk"))
@@ -147,6 +155,8 @@ class AgiSession:
             if not self._environment.done():
                 self._environment.set_result(event)
         elif isinstance(event, Reply):
+            if len(self._replies) >= self._awaiting:
+                raise AgiProtocolError(f"reply without a command: {event.text[:40]!r}")
             self._replies.append(event)
             self._reply_ready.set()
         elif isinstance(event, HangupNotice):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
+from crm_resolver.address_policy import AddressPolicy
 from crm_resolver.amqp_worker import AmqpWorker
 from crm_resolver.circuit import BreakerRegistry
 from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
@@ -24,6 +26,7 @@ from crm_resolver.ports import Cache, FlightLock
 from crm_resolver.redis_cache import RedisCache
 from crm_resolver.resolver import Resolver
 from crm_resolver.settings import ResolverSettings
+from crm_resolver.signing import CheckedSource, CrmCredentials
 from shared import runtime
 from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
@@ -50,13 +53,25 @@ async def build_resolver(
     settings: ResolverSettings,
     store: NodeStore,
     metrics: ResolverMetrics,
+    credentials: CrmCredentials | None = None,
 ) -> Resolver:
-    """The resolver with its CRM client and cache; closers go on `stack`."""
+    """The resolver with its CRM client and cache; closers go on `stack`.
+
+    `credentials` resolves the nodes' CRM secrets (default: this process's environment, read
+    now, once); a node naming a secret that is not there is a ConfigError here."""
     metrics.init_nodes(store.current.names())
+    if credentials is None:
+        credentials = CrmCredentials(os.environ)
+    credentials.check(store.current)
     crm = HttpCrmClient(
         CrmHttpSettings(
-            ca_bundle=settings.crm_ca_bundle, max_connections=settings.crm_max_connections
-        )
+            ca_bundle=settings.crm_ca_bundle,
+            max_connections=settings.crm_max_connections,
+            policy=AddressPolicy.from_settings(
+                settings.crm_allowed_hosts, settings.crm_allow_metadata
+            ),
+        ),
+        credentials=credentials,
     )
     await crm.start()
     stack.push_async_callback(crm.close)
@@ -88,8 +103,10 @@ async def serve(settings: ResolverSettings) -> int:
     if not settings.amqp_url:
         log.error("crm-resolver needs CALLERID_AMQP_URL (or run `agi-gateway --embedded`)")
         return 2
+    credentials = CrmCredentials(os.environ)
     try:
-        store = NodeStore(source_from_setting(settings.nodes))
+        # A reload naming a secret that is not in the environment is refused like any bad one.
+        store = NodeStore(CheckedSource(source_from_setting(settings.nodes), credentials))
         await store.load_initial()
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
@@ -97,7 +114,7 @@ async def serve(settings: ResolverSettings) -> int:
     registry = CollectorRegistry()
     async with contextlib.AsyncExitStack() as stack:
         metrics = ResolverMetrics(registry)
-        resolver = await build_resolver(stack, settings, store, metrics)
+        resolver = await build_resolver(stack, settings, store, metrics, credentials)
         worker = AmqpWorker(
             settings.amqp_url,
             resolver,

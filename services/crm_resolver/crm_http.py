@@ -9,9 +9,14 @@ The request is exactly OMniLeads': `POST <node.url>`, `User-Agent: OMniLeads`,
 `Content-Type: application/x-www-form-urlencoded`, body `idContact=<digits>`. It also says
 `Accept-Encoding: identity` and nothing is decompressed: a compressed body could expand far
 past the cap before a byte of it is counted (a CRM that compresses anyway gets
-`CrmBadResponse`). The optional extras of DESIGN §5 (bearer token, HMAC signing, extra
-fields from `CallContext`) are not sent: `NodeConfig` has no fields for them yet, and off is
-their default.
+`CrmBadResponse`). The optional extras of DESIGN §5 are per node and off by default:
+`crm_send_context` adds `callerNumber`, `callId` and `nodeId` to the form;
+`crm_token_env` adds `Authorization: Bearer <token>`; `crm_signing_secret_env` adds the
+Standard Webhooks headers over the exact body sent (`signing`).
+
+Where requests may go is `address_policy`'s rule, checked at every lookup on the URL and, by
+the connector's resolver, on every address a name resolves to. A refusal is CrmUnreachable,
+logged once per node (and URL) at WARNING: no connection is opened.
 
 Limits:
 - The whole lookup, connection included, ends within `budget` seconds. aiohttp's timeouts
@@ -26,6 +31,9 @@ Exception mapping (nothing from aiohttp, asyncio or ssl escapes `lookup`):
 
     TimeoutError / asyncio.TimeoutError        → CrmTimeout
       (aiohttp ServerTimeoutError, ConnectionTimeoutError, SocketTimeoutError are both)
+    AddressRefused (URL or resolved address    → CrmUnreachable
+      refused by the policy), unusable node
+      credentials
     ClientConnectorError (refused, DNS),       → CrmUnreachable
       ClientConnectorCertificateError, ClientSSLError,
       ClientOSError (reset), ServerDisconnectedError before the status line,
@@ -45,11 +53,19 @@ has answered, whatever is wrong with the answer is the CRM speaking badly (CrmBa
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
 
+from crm_resolver.address_policy import AddressPolicy, AddressRefused, PolicyResolver
 from crm_resolver.crm_response import MAX_BODY, parse_crm_response
 from crm_resolver.ports import (
     CallContext,
@@ -59,7 +75,10 @@ from crm_resolver.ports import (
     CrmTimeout,
     CrmUnreachable,
 )
-from shared.nodes import NodeConfig
+from crm_resolver.signing import CrmCredentials, NodeCredentials, signature_headers
+from shared.nodes import ConfigError, NodeConfig
+
+log = logging.getLogger(__name__)
 
 _FORM = "application/x-www-form-urlencoded"
 # An idle kept-alive connection is reused for this long; CRMs behind a load balancer
@@ -78,14 +97,28 @@ class CrmHttpSettings:
     """Open connections per client, over all CRMs; a lookup beyond it waits for a free one
     (up to connect_timeout)."""
     user_agent: str = "OMniLeads"
+    policy: AddressPolicy = field(default_factory=AddressPolicy)
+    """Allowed hosts and the metadata-address rule (`address_policy`)."""
 
 
 class HttpCrmClient:
     """One aiohttp session, reused by every lookup; `start` before use, `close` after."""
 
-    def __init__(self, settings: CrmHttpSettings = CrmHttpSettings()) -> None:
+    def __init__(
+        self,
+        settings: CrmHttpSettings = CrmHttpSettings(),
+        *,
+        credentials: CrmCredentials | None = None,
+        clock: Callable[[], float] = time.time,
+        dns: AbstractResolver | None = None,
+    ) -> None:
+        """`dns` replaces aiohttp's resolver under the address policy (tests map names)."""
         self._settings = settings
+        self._dns = dns
+        self._credentials = credentials if credentials is not None else CrmCredentials()
+        self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._refusals_logged: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         if self._session is not None:
@@ -94,6 +127,7 @@ class HttpCrmClient:
             limit=self._settings.max_connections,
             ssl=_ssl_context(self._settings.ca_bundle),
             keepalive_timeout=_KEEPALIVE_SECONDS,
+            resolver=PolicyResolver(self._settings.policy, self._dns or DefaultResolver()),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -131,8 +165,14 @@ class HttpCrmClient:
             sock_read=budget,
         )
         try:
+            self._settings.policy.check_url(node.url)
+            credentials = self._credentials.for_node(node)
+        except (AddressRefused, ConfigError) as exc:
+            raise self._refused(node, exc) from exc
+        body, headers = self._request(node, customer_id, context, credentials)
+        try:
             async with asyncio.timeout(budget):
-                body = await self._post(self._session, node.url, customer_id, timeout)
+                answer = await self._post(self._session, node.url, body, headers, timeout)
         except TimeoutError as exc:
             raise CrmTimeout(f"no answer within {budget:.3g} s") from exc
         except aiohttp.ClientResponseError as exc:
@@ -143,23 +183,68 @@ class HttpCrmClient:
         except aiohttp.ClientPayloadError as exc:
             raise CrmBadResponse("broken HTTP body") from exc
         except aiohttp.ClientConnectorError as exc:
-            # Also ClientConnectorCertificateError and ClientSSLError (its subclasses).
+            # Also ClientConnectorCertificateError and ClientSSLError (its subclasses), and
+            # ClientConnectorDNSError carrying the resolver's AddressRefused.
+            if isinstance(exc.os_error, AddressRefused):
+                raise self._refused(node, exc.os_error) from exc
             raise CrmUnreachable(f"cannot connect: {type(exc).__name__}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise CrmUnreachable(f"connection failed: {type(exc).__name__}") from exc
-        return parse_crm_response(body)
+        return parse_crm_response(answer)
+
+    def _request(
+        self,
+        node: NodeConfig,
+        customer_id: str,
+        context: CallContext,
+        credentials: NodeCredentials,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The form body and the headers of one request (signed over exactly that body)."""
+        if node.crm_send_context:
+            fields = [
+                ("idContact", customer_id),
+                ("callerNumber", context.caller_number),
+                ("callId", context.call_id),
+                ("nodeId", node.id),
+            ]
+            body = urlencode(fields).encode("ascii")
+        else:
+            body = f"idContact={customer_id}".encode("ascii")
+        headers = {"Content-Type": _FORM}
+        if credentials.token is not None:
+            headers["Authorization"] = f"Bearer {credentials.token}"
+        if credentials.signing_key is not None:
+            headers.update(
+                signature_headers(
+                    credentials.signing_key,
+                    body,
+                    message_id=f"msg_{uuid.uuid4().hex}",
+                    timestamp=int(self._clock()),
+                )
+            )
+        return body, headers
+
+    def _refused(self, node: NodeConfig, exc: Exception) -> CrmUnreachable:
+        """CrmUnreachable for a request the policy or the node's credentials forbid; the
+        first refusal of each node and URL is logged."""
+        key = (node.id, node.url or "")
+        if key not in self._refusals_logged:
+            self._refusals_logged.add(key)
+            log.warning("CRM request of node %r refused: %s", node.name, exc)
+        return CrmUnreachable(f"refused: {exc}")
 
     async def _post(
         self,
         session: aiohttp.ClientSession,
         url: str,
-        customer_id: str,
+        body: bytes,
+        headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
     ) -> bytes:
         async with session.post(
             url,
-            data=f"idContact={customer_id}".encode("ascii"),
-            headers={"Content-Type": _FORM},
+            data=body,
+            headers=headers,
             timeout=timeout,
             allow_redirects=False,
         ) as response:
