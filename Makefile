@@ -31,5 +31,9 @@ typecheck: $(STAMP)
 test: $(STAMP) services lint typecheck
 	$(BIN)/python -m pytest
 
+# Full run about 5 min (BENCH_SMOKE=1 for the 20-second form CI runs through the test suite).
+bench: $(STAMP) services
+	if [ -n "$$BENCH_SMOKE" ]; then $(BIN)/python -m bench.run --smoke; else $(BIN)/python -m bench.run --profile; fi
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
