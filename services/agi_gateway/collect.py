@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agi_gateway.commands import ChannelStatus, GetData, SayDigits, SetVariable, StreamFile
+from agi_gateway.commands import (
+    Answer,
+    ChannelStatus,
+    Command,
+    GetData,
+    SayDigits,
+    SetVariable,
+    StreamFile,
+)
 from agi_gateway.protocol import Reply
 from agi_gateway.session import AgiSession, AgiSessionError, CallerHungUp
 from shared.nodes import NodeConfig
@@ -43,17 +51,29 @@ class Collected:
 
 
 async def collect_entry(
-    session: AgiSession, node: NodeConfig, *, clock: Callable[[], float] = time.monotonic
+    session: AgiSession,
+    node: NodeConfig,
+    *,
+    answer: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Collected:
-    await session.run(SetVariable("TIMEOUT(digit)", f"{node.inter_digit_timeout:g}"))
+    """Prompt and collect until a valid entry or the attempts run out.
+
+    The first prompt goes out in one write with what must precede it (ANSWER when the call is
+    new to the gateway, and the inter-digit timeout), so a call starts with one round trip.
+    """
     get_data = GetData(node.audio, round(node.timeout * 1000), node.max_digits)
     get_data_limit = node.timeout + node.max_digits * node.inter_digit_timeout + PROMPT_ALLOWANCE
+    first: list[Command] = [Answer()] if answer else []
+    first.append(SetVariable("TIMEOUT(digit)", f"{node.inter_digit_timeout:g}"))
     last_invalid = False
     last_digit_at: float | None = None
     for attempt in range(node.attempts):
         if attempt and last_invalid and node.invalid_audio:
             await _checked(session, await session.run(StreamFile(node.invalid_audio)))
-        digits = await _digits(session, await session.run(get_data, timeout=get_data_limit))
+        batch = [*first, get_data] if attempt == 0 else [get_data]
+        replies = await session.run_batch(batch, timeout=get_data_limit)
+        digits = await _digits(session, replies[-1])
         if not digits:
             last_invalid = False
             continue

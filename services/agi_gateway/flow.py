@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from agi_gateway.collect import CommandRefused, PromptMissing, collect_entry
-from agi_gateway.commands import Answer, SetMusic
+from agi_gateway.commands import SetMusic
 from agi_gateway.decisions import (
     Decision,
     config_error_decision,
@@ -101,16 +101,18 @@ class CallFlow:
         env = (await session.environment(self._settings.environment_timeout)).variables
         node_id = requested_node(env)
         label = UNKNOWN_NODE
+        decision: Decision | None = None
         try:
             decision, label = await self._run(session, env, node_id, abort)
+            self._record(label, decision)
+            with contextlib.suppress(CallerHungUp):  # Asterisk closed the socket: nothing to tell
+                await apply_decision(session, decision, self._settings.jumps)
         except (AgiTimeout, AgiPeerError) as exc:
             # Out of step with Asterisk: nothing more can be written safely; the server closes.
             log.error("AGI session broke on node %s: %s", node_id, exc)
-            self._record(label, config_error_decision(None))
+            if decision is None:
+                self._record(label, config_error_decision(None))
             raise
-        self._record(label, decision)
-        with contextlib.suppress(CallerHungUp):  # Asterisk closed the socket: nothing to tell
-            await apply_decision(session, decision, self._settings.jumps)
         log.info(
             "call %s node=%s outcome=%s source=%s dest=%s id=%s %.0f ms",
             env.get("agi_uniqueid", "-")[:64],
@@ -142,10 +144,8 @@ class CallFlow:
                 log.error("unknown identification node %r: routed to the fallback", node_id)
                 return config_error_decision(self._settings.fallback), UNKNOWN_NODE
             try:
-                if not answered:
-                    await session.run(Answer())
-                    answered = True
-                decision = await self._run_node(session, env, node, abort)
+                decision = await self._run_node(session, env, node, abort, answer=not answered)
+                answered = True
             except CallerHungUp:
                 return hangup_decision(), node.name
             except (PromptMissing, CommandRefused) as exc:
@@ -163,9 +163,15 @@ class CallFlow:
         return config_error_decision(self._settings.fallback), UNKNOWN_NODE
 
     async def _run_node(
-        self, session: AgiSession, env: Mapping[str, str], node: NodeConfig, abort: asyncio.Event
+        self,
+        session: AgiSession,
+        env: Mapping[str, str],
+        node: NodeConfig,
+        abort: asyncio.Event,
+        *,
+        answer: bool,
     ) -> Decision:
-        collected = await collect_entry(session, node, clock=self._monotonic)
+        collected = await collect_entry(session, node, answer=answer, clock=self._monotonic)
         if collected.customer_id is None:
             return no_entry_decision(node, last_entry_invalid=collected.last_entry_invalid)
         if not node.uses_crm:
@@ -213,6 +219,7 @@ class CallFlow:
             await asyncio.wait([reply_task, hangup_task, abort_task])
         self._metrics.identification_wait.labels(node.name).observe(self._monotonic() - started)
         if hangup_task.done() and not hangup_task.cancelled():
+            session.raise_if_broken()
             raise CallerHungUp("hung up while waiting for the CRM")
         if music:
             await session.run(SetMusic(False))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from agi_gateway.commands import Exec, SetVariable
+from agi_gateway.commands import Command, Exec, SetVariable
 from agi_gateway.decisions import Decision
 from agi_gateway.session import AgiSession
 from shared.destination import Destination
@@ -65,18 +65,19 @@ class JumpTemplates:
 
 
 async def apply_decision(session: AgiSession, decision: Decision, jumps: JumpTemplates) -> None:
-    """Write the decision's variables and, if a template matches, jump there."""
+    """Write the decision's variables and, if a template matches, jump there: one write."""
     destination = decision.destination
+    commands: list[Command] = []
     if decision.customer_id is not None:
-        for name in CUSTOMER_VARS:
-            await session.run(SetVariable(name, decision.customer_id))
-    await session.run(
-        SetVariable(DEST_TYPE_VAR, "" if destination is None else str(destination.type))
-    )
-    await session.run(SetVariable(DEST_ID_VAR, "" if destination is None else str(destination.id)))
-    await session.run(SetVariable(SOURCE_VAR, decision.source.value))
-    await session.run(SetVariable(OUTCOME_VAR, decision.outcome.value))
+        commands.extend(SetVariable(name, decision.customer_id) for name in CUSTOMER_VARS)
+    commands += [
+        SetVariable(DEST_TYPE_VAR, "" if destination is None else str(destination.type)),
+        SetVariable(DEST_ID_VAR, "" if destination is None else str(destination.id)),
+        SetVariable(SOURCE_VAR, decision.source.value),
+        SetVariable(OUTCOME_VAR, decision.outcome.value),
+    ]
     if destination is not None and not session.hung_up:
         target = jumps.target(destination)
         if target is not None:
-            await session.run(Exec("Goto", target))
+            commands.append(Exec("Goto", target))
+    await session.run_batch(commands)

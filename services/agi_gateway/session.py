@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 
 from agi_gateway.commands import Command
 from agi_gateway.protocol import (
@@ -89,6 +90,15 @@ class AgiSession:
     def hung_up(self) -> bool:
         return self.hangup.is_set()
 
+    def raise_if_broken(self) -> None:
+        """Raise AgiPeerError if the session ended because the peer broke the protocol.
+
+        `hangup` is also set then (nothing more will come), and a flow waiting on it must not
+        report a protocol violation as a caller hanging up.
+        """
+        if isinstance(self._ended, AgiPeerError):
+            raise self._ended
+
     async def environment(self, timeout: float) -> Environment:
         """The environment block; NoEnvironment if it is not complete within `timeout`."""
         try:
@@ -105,24 +115,37 @@ class AgiSession:
         A 511 reply raises CallerHungUp; any other reply (200, 510, 520) is returned for the
         caller to interpret. SET VARIABLE and EXEC still answer 200 after a hang-up.
         """
+        return (await self.run_batch((command,), timeout=timeout))[0]
+
+    async def run_batch(
+        self, commands: Sequence[Command], *, timeout: float | None = None
+    ) -> list[Reply]:
+        """Send several commands in one write and return their replies, in order.
+
+        Asterisk reads its AGI socket a line at a time and answers each command before it
+        reads the next, so pipelining is safe and saves a round trip (and a system call on
+        both sides) per command. Every reply is read before a 511 is raised, so the session
+        stays in step. `timeout` bounds the whole batch.
+        """
         if self._ended is not None:
             raise self._ended
-        self._writer.write(command.encode())
-        self._awaiting += 1
+        self._writer.write(b"".join(command.encode() for command in commands))
+        self._awaiting += len(commands)
         limit = self._command_timeout if timeout is None else timeout
+        names = "+".join(command.name for command in commands)
         try:
             async with asyncio.timeout(limit):
                 await self._writer.drain()
-                reply = await self._next_reply()
+                replies = [await self._next_reply() for _ in commands]
         except TimeoutError:
-            raise AgiTimeout(f"{command.name}: no reply within {limit:g} s") from None
+            raise AgiTimeout(f"{names}: no reply within {limit:g} s") from None
         except ConnectionError as exc:
             self.hangup.set()
-            raise CallerHungUp(f"{command.name}: connection lost") from exc
-        if reply.code == DEAD_CHANNEL:
+            raise CallerHungUp(f"{names}: connection lost") from exc
+        if any(reply.code == DEAD_CHANNEL for reply in replies):
             self.hangup.set()
-            raise CallerHungUp(f"{command.name}: channel is dead (511)")
-        return reply
+            raise CallerHungUp(f"{names}: channel is dead (511)")
+        return replies
 
     async def _next_reply(self) -> Reply:
         while not self._replies:
