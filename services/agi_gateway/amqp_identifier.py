@@ -200,3 +200,6 @@ class AmqpIdentifier:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(IdentifyUnavailable(why))
+                # A caller still publishing never awaits its future; mark the exception seen so
+                # asyncio does not log it. A caller that does await it still gets it raised.
+                future.exception()
