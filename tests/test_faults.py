@@ -26,41 +26,41 @@ otherwise. Numbers are printed, and appended to the file named by `CALLERID_TEST
 from __future__ import annotations
 
 import asyncio
-import math
-import os
-import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
-from tools.asterisk_sim import CallResult, CallScript, run_call
-from tools.stack import (
-    DEFAULT_FAILOVER,
-    Proc,
-    Stack,
-    expected_decision,
-    http_get,
-    metric_value,
-    port_answers,
-    redis_server,
+from tests.stack_load import (
+    CRM_NODES,
+    SLACK,
+    Load,
+    broker_restart_allowed,
+    check_calls,
+    circuit_states,
+    in_flight,
+    note,
+    percentile,
+    rabbitmqctl,
+    ready,
+    redis_db,
+    skip_unless_slow_wanted,
+    until,
 )
+from tools.stack import Proc, Stack, port_answers, redis_server
 
 pytestmark = pytest.mark.integration
 
 CRM_TIMEOUT = 1.0
-SLACK = 0.25
 REDIS_DB = 12
 # The CRM answers in 100..300 ms, so a few requests are always in flight on every resolver.
 CRM_LATENCY_MS, CRM_JITTER_MS = 100, 200
 BREAKER_RESET = 1.0  # seconds an open circuit waits before a probe (default 5)
-CRM_NODES = ("gold-customers", "crm-router")
 FAILOVER_OUTCOMES = ("crm_timeout", "crm_error")
 
 
@@ -87,167 +87,10 @@ SIZES = [
 ]
 
 
-def note(line: str) -> None:
-    print(line)
-    path = os.environ.get("CALLERID_TEST_NOTES")
-    if path:
-        with Path(path).open("a", encoding="utf-8") as notes:
-            notes.write(line + "\n")
-
-
 def long_form_wanted(config: pytest.Config, sizes: Sizes) -> None:
     """Skip a long form unless asked for: `-m slow` or CALLERID_TEST_SLOW=1."""
-    if sizes is not LONG:
-        return
-    if "slow" in str(config.getoption("markexpr") or "").replace("not slow", ""):
-        return
-    if os.environ.get("CALLERID_TEST_SLOW") == "1":
-        return
-    pytest.skip("long form: run with -m slow or CALLERID_TEST_SLOW=1")
-
-
-@dataclass
-class Call:
-    node: str
-    customer_id: str
-    started: float
-    phase_at_start: str
-    result: CallResult | BaseException | None = None
-    ended: float = 0.0
-    phase_at_end: str = ""
-
-    @property
-    def decided(self) -> bool:
-        return isinstance(self.result, CallResult) and "OML_IDENT_OUTCOME" in self.result.variables
-
-    @property
-    def decision(self) -> tuple[str, str, str, str]:
-        assert isinstance(self.result, CallResult)
-        v = self.result.variables
-        return (
-            v.get("OML_IDENT_OUTCOME", "-"),
-            v.get("OML_DEST_TYPE", "-"),
-            v.get("OML_DEST_ID", "-"),
-            v.get("OML_IDENT_SOURCE", "-"),
-        )
-
-    @property
-    def right(self) -> bool:
-        if not self.decided:
-            return False
-        outcome, dest_type, dest_id, source = self.decision
-        return (outcome, dest_type, dest_id) == expected_decision(
-            self.node, self.customer_id
-        ) and source in ("crm", "cache")
-
-    @property
-    def failover(self) -> bool:
-        if not self.decided:
-            return False
-        outcome, dest_type, dest_id, source = self.decision
-        return (
-            outcome in FAILOVER_OUTCOMES
-            and (dest_type, dest_id) == DEFAULT_FAILOVER[self.node]
-            and source == "failover"
-        )
-
-    @property
-    def during_fault(self) -> bool:
-        return "fault" in (self.phase_at_start, self.phase_at_end)
-
-    @property
-    def wait(self) -> float:
-        """Caller's last digit to decision, as the simulated Asterisk saw them."""
-        assert isinstance(self.result, CallResult)
-        assert self.result.decided_at is not None
-        assert self.result.last_digit_at is not None
-        return self.result.decided_at - self.result.last_digit_at
-
-
-@dataclass
-class Load:
-    """A steady stream of simulated calls; `phase` is stamped on each call."""
-
-    stack: Stack
-    sizes: Sizes
-    rng: random.Random = field(default_factory=lambda: random.Random(7))
-    phase: str = "before"
-    calls: list[Call] = field(default_factory=list)
-    finished: list[Call] = field(default_factory=list)  # in the order they ended
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    _counter: int = 0
-    _repeats: list[tuple[str, str]] = field(default_factory=list)
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def ended_in(self, phase: str) -> int:
-        return sum(1 for call in self.finished if call.phase_at_start == phase)
-
-    def last_right(self, count: int) -> bool:
-        tail = self.finished[-count:]
-        return len(tail) == count and all(call.right for call in tail)
-
-    def _next(self) -> tuple[str, str]:
-        # 1 in 4 calls repeats a recent lookup (a cache hit, or merged); the rest are new ids.
-        if self._repeats and self.rng.random() < 0.25:
-            return self.rng.choice(self._repeats)
-        self._counter += 1
-        node = self.rng.choice(("1", "3"))
-        kinds = "14" if node == "1" else "124"  # node 1 never gets a destination ("2") id
-        customer_id = self.rng.choice(kinds) + f"{self._counter % 10_000:04d}"
-        self._repeats = [*self._repeats[-29:], (node, customer_id)]
-        return node, customer_id
-
-    async def run(self) -> None:
-        host, port = self.stack.agi_address
-        loop = asyncio.get_running_loop()
-        gate = asyncio.Semaphore(self.sizes.concurrency)
-        interval = 1 / self.sizes.rate
-
-        async def one(call: Call, index: int) -> None:
-            try:
-                call.result = await run_call(
-                    host,
-                    port,
-                    CallScript(node=call.node, entries=[call.customer_id], uniqueid=f"f.{index}"),
-                    timeout=10,
-                )
-            except OSError as exc:  # the gateway refused the connection: a failure to report
-                call.result = exc
-            finally:
-                call.ended = time.monotonic()
-                call.phase_at_end = self.phase
-                self.finished.append(call)
-                gate.release()
-
-        async with asyncio.TaskGroup() as group:
-            next_at = loop.time()
-            while not self._stopping.is_set():
-                # Pacing the load, not waiting for anything: a call every `interval` s.
-                await asyncio.sleep(max(0.0, next_at - loop.time()))
-                await gate.acquire()
-                node, customer_id = self._next()
-                call = Call(node, customer_id, time.monotonic(), self.phase)
-                self.calls.append(call)
-                group.create_task(one(call, len(self.calls)))
-                next_at = max(next_at + interval, loop.time() - interval)
-
-
-async def until(condition: Callable[[], bool], within: float, what: str) -> float:
-    """Poll a (possibly blocking: it runs in a thread) condition; seconds it took."""
-    started = time.monotonic()
-    deadline = started + within
-    while not await asyncio.to_thread(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:g} s: {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
+    if sizes is LONG:
+        skip_unless_slow_wanted(config)
 
 
 @dataclass
@@ -260,7 +103,7 @@ class Fault:
 
 async def run_fault(stack: Stack, sizes: Sizes, fault: Fault) -> Load:
     """Load before, during and after `fault`; check every call; write down the numbers."""
-    load = Load(stack, sizes)
+    load = Load(stack, sizes.rate, sizes.concurrency)
     runner = asyncio.create_task(load.run())
     crm_before = stack.crm_stats()["calls"]
     timeline: dict[str, float] = {}
@@ -289,42 +132,25 @@ async def run_fault(stack: Stack, sizes: Sizes, fault: Fault) -> Load:
         await runner
 
     calls = load.calls
-    problems: list[str] = []
-    for n, call in enumerate(calls):
-        label = f"call {n} ({call.phase_at_start}->{call.phase_at_end}, node {call.node})"
-        if not call.decided:
-            problems.append(f"{label}: no decision: {call.result!r}"[:300])
-            continue
-        assert isinstance(call.result, CallResult)
-        if not call.result.closed_by_gateway:
-            problems.append(f"{label}: the gateway never closed the socket")
-        if call.wait > CRM_TIMEOUT + SLACK:
-            problems.append(f"{label}: decided {call.wait * 1000:.0f} ms after the last digit")
-        if not (call.right or (call.during_fault and call.failover)):
-            problems.append(f"{label}: {call.decision} for {call.customer_id}")
-
-    waits = [call.wait for call in calls if call.decided]
+    problems = check_calls(calls, CRM_TIMEOUT + SLACK, FAILOVER_OUTCOMES)
+    waits = [call.wait for call in calls if call.wait is not None]
     in_fault = [call for call in calls if call.during_fault]
-    fault_waits = [call.wait for call in in_fault if call.decided]
-    outcomes = Counter(call.decision[0] for call in in_fault if call.decided)
+    fault_waits = [call.wait for call in in_fault if call.wait is not None]
+    outcomes = Counter(call.decision[0] for call in in_fault if call.decision is not None)
     note(
         f"fault {fault.name} [{'long' if sizes is LONG else 'short'}]: calls={len(calls)} "
         f"decided={len(waits)} during_fault={len(in_fault)} fault_outcomes={dict(outcomes)} "
-        f"failovers={sum(c.failover for c in calls)} wrong={len(problems)} "
+        f"failovers={sum(c.failover(FAILOVER_OUTCOMES) for c in calls)} wrong={len(problems)} "
         f"crm_calls={stack.crm_stats()['calls'] - crm_before} "
         f"max={max(waits) * 1000:.0f}ms p99={percentile(waits, 0.99) * 1000:.0f}ms "
         f"fault_max={max(fault_waits, default=0) * 1000:.0f}ms "
-        f"fault_p99={percentile(fault_waits or [0.0], 0.99) * 1000:.0f}ms "
+        f"fault_p99={percentile(fault_waits, 0.99) * 1000:.0f}ms "
         f"budget={(CRM_TIMEOUT + SLACK) * 1000:.0f}ms "
         f"fault_lasted={timeline['ended'] - timeline['fault']:.2f}s "
         f"settled_after_end={timeline['recovered'] - timeline['ended']:.2f}s"
     )
     assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} in all)"
     return load
-
-
-def redis_db(base_url: str, db: int) -> str:
-    return urlunsplit(urlsplit(base_url)._replace(path=f"/{db}"))
 
 
 @pytest.fixture
@@ -353,19 +179,6 @@ def make_stack(
         stack.stop()
 
 
-def in_flight(proc: Proc) -> float:
-    return metric_value(proc.metrics(), "callerid_resolver_in_flight")
-
-
-def circuit_states(stack: Stack) -> list[float]:
-    """The circuit gauge of every CRM node on every running resolver."""
-    return [
-        metric_value(text, "callerid_crm_circuit_state", node=node)
-        for text in (p.metrics() for p in stack.resolver_procs if p.alive)
-        for node in CRM_NODES
-    ]
-
-
 async def nothing() -> None:
     return None
 
@@ -392,18 +205,6 @@ async def test_resolver_killed_mid_load(
     assert victim.popen.returncode == -signal.SIGKILL
 
 
-def ready(proc: Proc) -> bool:
-    assert proc.http_port is not None
-    try:
-        return proc.alive and http_get(f"http://127.0.0.1:{proc.http_port}/readyz")[0] == 200
-    except OSError:
-        return False
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.mark.parametrize("sizes", SIZES)
 async def test_rabbitmq_restarted_mid_load(
     make_stack: Callable[..., Stack], sizes: Sizes, request: pytest.FixtureRequest, amqp_url: str
@@ -412,7 +213,7 @@ async def test_rabbitmq_restarted_mid_load(
     fails over at once (crm_timeout) instead of waiting; the gateway and the resolvers
     reconnect by themselves and calls are identified normally again."""
     long_form_wanted(request.config, sizes)
-    if not (os.environ.get("CI") or os.environ.get("CALLERID_TEST_BROKER_RESTART") == "1"):
+    if not broker_restart_allowed():
         pytest.skip(
             "restarts the machine's shared RabbitMQ: runs under CI=true "
             "or with CALLERID_TEST_BROKER_RESTART=1"
@@ -539,8 +340,9 @@ async def test_crm_down_then_back_mid_load(
         stack.resolver_metric("callerid_crm_requests_total", node=node, result="crm_circuit_open")
         for node in CRM_NODES
     )
+    crm_errors = sum(c.decision is not None and c.decision[0] == "crm_error" for c in load.calls)
     note(
-        f"  crm-down: crm_error={sum(c.decision[0] == 'crm_error' for c in load.calls)} "
+        f"  crm-down: crm_error={crm_errors} "
         f"refused_by_open_circuit={open_calls:.0f} all_circuits_closed_after={took:.2f}s more"
     )
     assert open_calls > 0

@@ -17,17 +17,14 @@ Numbers (calls, CRM calls, latencies) are printed, and appended to the file name
 from __future__ import annotations
 
 import asyncio
-import math
-import os
 import random
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.stack_load import note, percentile, redis_db
 from tests.waiting import eventually
 from tools.asterisk_sim import CallResult, CallScript, run_call
 from tools.stack import DEFAULT_NODES, DEFAULT_TABLE, Stack, expected_decision, metric_value
@@ -64,19 +61,6 @@ TABLE = {
         SLOW_ID: {"delay_ms": SLOW_MS, "destination": "true"},
     },
 }
-
-
-def note(line: str) -> None:
-    print(line)
-    path = os.environ.get("CALLERID_TEST_NOTES")
-    if path:
-        with Path(path).open("a", encoding="utf-8") as notes:
-            notes.write(line + "\n")
-
-
-def redis_db(base_url: str, db: int) -> str:
-    parts = urlsplit(base_url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +103,6 @@ def wait_of(result: CallResult) -> float:
     assert result.decided_at is not None, result.variables
     assert result.last_digit_at is not None, result.commands
     return result.decided_at - result.last_digit_at
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
 
 
 def per_resolver(stack: Stack, name: str, **labels: str) -> list[float]:
