@@ -32,6 +32,11 @@ class IdentifyUnavailable(IdentifyError):
 
 
 class Identifier(Protocol):
+    @property
+    def pending(self) -> int:
+        """Requests waiting for their reply right now."""
+        ...
+
     async def identify(self, request: IdentifyRequest) -> IdentifyReply:
         """Return the reply, or raise IdentifyTimeout by the deadline / IdentifyUnavailable."""
         ...

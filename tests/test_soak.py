@@ -163,12 +163,20 @@ async def soak(stack: Stack, sizes: SoakSizes) -> None:
     def idle() -> bool:
         gateway = stack.gateway
         assert gateway is not None
-        return metric_value(gateway.metrics(), "callerid_agi_sessions_live") == 0 and all(
-            metric_value(p.metrics(), "callerid_resolver_in_flight") == 0
-            for p in stack.resolver_procs
+        text = gateway.metrics()
+        no_pending = metric_value(text, "callerid_identify_pending") == 0
+        return (
+            metric_value(text, "callerid_agi_sessions_live") == 0
+            and no_pending
+            and all(
+                metric_value(p.metrics(), "callerid_resolver_in_flight") == 0
+                for p in stack.resolver_procs
+            )
         )
 
-    await until(idle, 10, "no live session and nothing in flight once the load stopped")
+    await until(
+        idle, 10, "no live session, no pending request, nothing in flight once the load stopped"
+    )
     samples.append(await asyncio.to_thread(sample, stack, "idle", began, len(load.finished)))
 
     calls = load.calls

@@ -76,6 +76,7 @@ class Gateway:
         nodes = await self.store.load_initial()
         self._on_reload(True, nodes)
         identifier = await self._identifier()
+        self.metrics.identify_pending.set_function(lambda: identifier.pending)
         store = self.store
         flow = CallFlow(
             lambda: store.current,

@@ -47,6 +47,11 @@ class GatewayMetrics:
             "AGI sessions currently open.",
             registry=registry,
         )
+        self.identify_pending = Gauge(
+            "callerid_identify_pending",
+            "Identification requests waiting for their reply (returns to 0 when idle).",
+            registry=registry,
+        )
         self.sessions_rejected = Counter(
             "callerid_agi_sessions_rejected_total",
             "AGI connections refused, by reason (over_capacity, draining, bad_environment).",

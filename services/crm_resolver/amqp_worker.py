@@ -133,6 +133,10 @@ class AmqpWorker:
             # in limbo; every expected path acks or nacks explicitly first.
             async with message.process(requeue=False, ignore_processed=True):
                 await self._handle(message)
+        except _AMQP_ERRORS as exc:
+            # The broker went away mid-request (a restart, a network cut): expected, and the
+            # unacked request is redelivered to whichever resolver is connected next.
+            log.warning("request not finished, broker connection lost: %r", exc)
         except Exception:
             log.exception("failed to handle a request message")
         finally:
