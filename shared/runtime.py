@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from shared.settings import CommonSettings, configure_logging, flag_overrides
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def start_service(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    settings_type: type[S],
+    serve: Callable[[S], Coroutine[Any, Any, int]],
+) -> int:
+    """A console script's whole start: flags over env into settings, logging, the loop.
+
+    Invalid settings exit with code 2 and one line naming what is wrong.
+    """
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_type(**flag_overrides(args))
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            print(f"{parser.prog}: invalid setting {field}: {message}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return run(lambda: serve(settings))
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

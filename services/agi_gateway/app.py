@@ -36,7 +36,7 @@ from shared.memory_bus import MemoryBus
 from shared.node_sources import NodeSource, NodeStore, source_from_setting
 from shared.nodes import ConfigError, NodeSet
 from shared.ports import Identifier
-from shared.settings import add_common_flags, configure_logging, flag_overrides, parse_listen
+from shared.settings import add_common_flags, parse_listen
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -174,14 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--drain-timeout", type=float, help="seconds to let calls finish on SIGTERM"
     )
-    args = parser.parse_args(argv)
-    try:
-        settings = GatewaySettings(**flag_overrides(args))
-    except ValueError as exc:
-        print(f"agi-gateway: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    return runtime.run(lambda: serve(settings))
+    return runtime.start_service(parser, argv, GatewaySettings, serve)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
 from shared.node_sources import NodeStore, source_from_setting
 from shared.nodes import ConfigError
-from shared.settings import add_common_flags, configure_logging, flag_overrides, parse_listen
+from shared.settings import add_common_flags, parse_listen
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -140,14 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefetch", type=int, help="requests worked on at once (CALLERID_PREFETCH)"
     )
-    args = parser.parse_args(argv)
-    try:
-        settings = ResolverSettings(**flag_overrides(args))
-    except ValueError as exc:
-        print(f"crm-resolver: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    return runtime.run(lambda: serve(settings))
+    return runtime.start_service(parser, argv, ResolverSettings, serve)
 
 
 if __name__ == "__main__":  # pragma: no cover
