@@ -76,15 +76,17 @@ def test_smoke_run_completes_and_cleans_up(tmp_path: Path) -> None:
     assert run["complete"]
     scenarios = run["scenarios"]
     assert set(scenarios) >= SCENARIOS
+    server_cpu = []
     for name in SCENARIOS:
         assert scenarios[name]["failures"]["total"] == 0, (name, scenarios[name])
         assert scenarios[name]["identifications_all"] > 0, name
-        assert (
-            scenarios[name]["cpu_ms_per_identification"][
-                "gateway" if "floor" not in name else "floor-server"
-            ]
-            > 0
-        )
+        process = "gateway" if "floor" not in name else "floor-server"
+        cpu = scenarios[name]["cpu_ms_per_identification"][process]
+        assert cpu >= 0, name
+        server_cpu.append(cpu)
+    # CPU is read in 10 ms clock ticks: one seconds-long smoke scenario may read 0, all of
+    # them reading 0 means the measurement is broken.
+    assert sum(server_cpu) > 0
     assert scenarios["latency_one_at_a_time"]["latency_ms"]["count"] > 0
     assert scenarios["held_5000"]["peak_rss_mib"]["gateway"] > 0
     ppc = scenarios["process_per_call"]
