@@ -28,7 +28,6 @@ from shared.outcomes import Interaction
 # needed. Anything else could not be a file name and could break the AGI quoting.
 _SOUND = re.compile(r"[A-Za-z0-9_\-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9_\-.]+)*")
 _NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
-_TERMINATORS = ("#", "*", "")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
@@ -151,8 +150,10 @@ class NodeConfig(BaseModel):
     @field_validator("terminator")
     @classmethod
     def _terminator(cls, value: str) -> str:
-        if value not in _TERMINATORS:
-            raise ValueError("must be '#', '*' or empty")
+        # Asterisk's GET DATA ends an entry on '#' and on nothing else; a field that accepted
+        # other keys would be a setting that silently does nothing.
+        if value != "#":
+            raise ValueError("must be '#' (the only key Asterisk's GET DATA ends an entry on)")
         return value
 
     @field_validator("pattern")

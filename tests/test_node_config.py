@@ -98,6 +98,7 @@ def test_numeric_ranges(
         ({"audio": "a b"}, "audio"),
         ({"invalid_audio": "bad\nsound"}, "invalid_audio"),
         ({"terminator": "x"}, "terminator"),
+        ({"terminator": "*"}, "terminator"),
         ({"pattern": "(unclosed"}, "pattern"),
         ({"interaction": "crm"}, "interaction"),
         ({"typo_field": 1}, "typo_field"),
