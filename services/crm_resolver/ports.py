@@ -8,7 +8,6 @@ translated into these at the adapter boundary and chained with `from exc`):
     ├── CrmUnreachable          connection refused/reset, DNS, TLS failure
     ├── CrmHttpStatus           a non-2xx status
     ├── CrmStatusFail           a well-formed answer with "status": "fail"
-    ├── CrmCircuitOpen          not attempted: the CRM's circuit breaker is open
     └── CrmBadResponse          anything unparseable, oversized or not in the protocol
 
 Cache and flight-lock adapters never raise for backend failures: they fail open
@@ -74,10 +73,6 @@ class CrmHttpStatus(CrmError):
 
 class CrmStatusFail(CrmError):
     code = ErrorCode.CRM_STATUS_FAIL
-
-
-class CrmCircuitOpen(CrmError):
-    code = ErrorCode.CRM_CIRCUIT_OPEN
 
 
 class CrmBadResponse(CrmError):
