@@ -31,7 +31,7 @@ from crm_resolver.metrics import ResolverMetrics
 from crm_resolver.settings import ResolverSettings
 from crm_resolver.signing import CheckedSource, CrmCredentials
 from shared import runtime
-from shared.http_endpoints import start_http
+from shared.http_endpoints import bound_port, start_http
 from shared.memory_bus import MemoryBus
 from shared.node_sources import NodeSource, NodeStore, source_from_setting
 from shared.nodes import ConfigError, NodeSet
@@ -100,7 +100,7 @@ class Gateway:
         host, port = parse_listen(settings.http_listen)
         http = await start_http(host, port, self.registry, self.ready)
         self._stack.push_async_callback(http.cleanup)
-        self.http_port = int(http.addresses[0][1])
+        self.http_port = bound_port(http)
 
     async def _identifier(self) -> Identifier:
         settings = self.settings
