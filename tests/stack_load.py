@@ -18,7 +18,6 @@ was active (its phase, stamped when it starts and when it ends, begins with "fau
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import random
 import subprocess
@@ -69,14 +68,6 @@ def broker_restart_allowed() -> bool:
 
 def redis_db(base_url: str, db: int) -> str:
     return urlunsplit(urlsplit(base_url)._replace(path=f"/{db}"))
-
-
-def percentile(values: Iterable[float], fraction: float) -> float:
-    """Nearest rank: a value that was measured (0.0 for no values)."""
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
 
 
 async def until(condition: Callable[[], bool], within: float, what: str) -> float:

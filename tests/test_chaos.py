@@ -55,7 +55,6 @@ from tests.stack_load import (
     circuit_states,
     in_flight,
     note,
-    percentile,
     problem_kinds,
     rabbitmqctl,
     ready,
@@ -63,6 +62,7 @@ from tests.stack_load import (
     until,
 )
 from tools.stack import Proc, Stack, port_answers, redis_server
+from tools.stats import percentile
 
 pytestmark = pytest.mark.integration
 

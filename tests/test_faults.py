@@ -45,7 +45,6 @@ from tests.stack_load import (
     circuit_states,
     in_flight,
     note,
-    percentile,
     rabbitmqctl,
     ready,
     redis_db,
@@ -53,6 +52,7 @@ from tests.stack_load import (
     until,
 )
 from tools.stack import Proc, Stack, port_answers, redis_server
+from tools.stats import percentile
 
 pytestmark = pytest.mark.integration
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 
 import pytest
@@ -19,8 +20,8 @@ from tools.loadgen import (
     drive,
     latency_summary,
     parse_mix,
-    percentile,
 )
+from tools.stats import percentile
 
 
 def _result(variables: dict[str, str], **changes: object) -> CallResult:
@@ -116,6 +117,8 @@ def test_percentiles_are_nearest_rank() -> None:
     """p50/p90/p99 are values that were measured, in milliseconds."""
     values = [i / 1000 for i in range(1, 101)]
     assert percentile(values, 0.5) == 0.05
+    assert percentile(reversed(values), 0.99) == 0.099  # any order
+    assert math.isnan(percentile([], 0.5))  # no values: not a made-up 0
     assert latency_summary(values) == {
         "count": 100,
         "p50": 50.0,

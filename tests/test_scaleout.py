@@ -24,10 +24,11 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from tests.stack_load import note, percentile, redis_db
+from tests.stack_load import note, redis_db
 from tests.waiting import eventually
 from tools.asterisk_sim import CallResult, CallScript, run_call
 from tools.stack import DEFAULT_NODES, DEFAULT_TABLE, Stack, expected_decision, metric_value
+from tools.stats import percentile
 
 pytestmark = pytest.mark.integration
 

@@ -44,7 +44,6 @@ from tests.stack_load import (
     check_calls,
     note,
     open_fds,
-    percentile,
     problem_kinds,
     redis_db,
     rss_kib,
@@ -52,6 +51,7 @@ from tests.stack_load import (
     until,
 )
 from tools.stack import Proc, Stack, metric_value
+from tools.stats import percentile
 
 pytestmark = pytest.mark.integration
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from tools.stats import percentile
 
 HangupMode = Literal[None, "prompt", "lookup", "before_env_end"]
 
@@ -556,12 +557,6 @@ def _summary_line(index: int, result: CallResult | BaseException, elapsed_ms: fl
     )
 
 
-def _percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile: a value that was actually measured."""
-    ordered = sorted(values)
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
-
-
 async def _run_many(args: argparse.Namespace) -> int:
     semaphore = asyncio.Semaphore(args.concurrency)
     decided = 0
@@ -599,7 +594,7 @@ async def _run_many(args: argparse.Namespace) -> int:
     print(
         f"summary: calls={args.calls} decided={decided} "
         f"outcomes={dict(sorted(outcomes.items()))} "
-        f"p50_ms={_percentile(elapsed, 0.5):.1f} p95_ms={_percentile(elapsed, 0.95):.1f} "
+        f"p50_ms={percentile(elapsed, 0.5):.1f} p95_ms={percentile(elapsed, 0.95):.1f} "
         f"max_ms={max(elapsed):.1f}"
     )
     return 0 if decided == args.calls else 1

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tools.asterisk_sim import OUTCOME_VARIABLE, CallResult, CallScript, run_call
+from tools.stats import percentile
 
 ID_LENGTH = 8
 TRUE_PREFIX, DESTINATION_PREFIX = "1", "2"
@@ -420,11 +421,6 @@ class Report:
             }
         out.update(extra)
         return out
-
-
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of sorted values: a value that was actually measured."""
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
 
 
 def latency_summary(ordered: Sequence[float]) -> dict[str, Any]:
