@@ -52,6 +52,7 @@ class CommonSettings(BaseSettings):
         description="Let CRM requests reach link-local and cloud metadata addresses.",
     )
     cache_key_pepper: str = ""
+    cache_timeout: float = Field(default=0.05, ge=0.001, le=5, description="Redis timeout (s).")
     show_customer_ids: bool = Field(
         default=False, description="Debug only: log customer ids in clear."
     )

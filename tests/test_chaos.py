@@ -153,9 +153,7 @@ class Chaos:
 
     def note_baseline(self) -> None:
         self._crm_failures = self.crm_failures()
-        self._cache_errors = self.stack.resolver_metric(
-            "callerid_cache_lookups_total", result="error"
-        )
+        self._cache_errors = self.stack.cache_lookups("error")
 
     def faults(self, amqp_port: int) -> dict[str, Fault]:
         stack = self.stack
@@ -230,7 +228,7 @@ class Chaos:
         await asyncio.to_thread(self.stack.add_resolver)
 
     def _cache_failing(self) -> bool:
-        errors = self.stack.resolver_metric("callerid_cache_lookups_total", result="error")
+        errors = self.stack.cache_lookups("error")
         return errors > self._cache_errors
 
     async def _stop_redis(self) -> None:

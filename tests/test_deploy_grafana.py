@@ -76,7 +76,11 @@ def test_dashboard_answers_the_operator_questions() -> None:
         "Calls per outcome per node": {"callerid_calls_total"},
         "Identification rate per node": {"callerid_calls_total"},
         "CRM latency p50 / p95 / p99 per node": {"callerid_crm_request_duration_seconds_bucket"},
-        "Cache hit ratio": {"callerid_cache_lookups_total"},
+        "Cache hit ratio": {
+            "callerid_calls_total",
+            "callerid_cache_lookups_total",
+            "callerid_gateway_cache_lookups_total",
+        },
         "CRM errors per node": {"callerid_crm_requests_total"},
         "CRM circuit state": {"callerid_crm_circuit_state"},
         "Expired requests and late replies": {

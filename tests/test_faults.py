@@ -270,13 +270,13 @@ async def test_redis_stopped_mid_load(
         port = servers[0].tcp_port
         assert port is not None
         stack = make_stack(f"redis://127.0.0.1:{port}/0")
-        errors_before = stack.resolver_metric("callerid_cache_lookups_total", result="error")
+        errors_before = stack.cache_lookups("error")
 
         async def stop_redis() -> None:
             await asyncio.to_thread(servers[-1].stop)
 
         def cache_failing() -> bool:
-            errors = stack.resolver_metric("callerid_cache_lookups_total", result="error")
+            errors = stack.cache_lookups("error")
             return errors > errors_before
 
         async def start_redis() -> None:
@@ -285,18 +285,14 @@ async def test_redis_stopped_mid_load(
         hits_before_end: list[float] = []
 
         async def start_redis_noting_hits() -> None:
-            hits_before_end.append(
-                await asyncio.to_thread(
-                    stack.resolver_metric, "callerid_cache_lookups_total", result="hit"
-                )
-            )
+            hits_before_end.append(await asyncio.to_thread(stack.cache_lookups, "hit"))
             await start_redis()
 
         load = await run_fault(
             stack, sizes, Fault("redis-stop", stop_redis, cache_failing, start_redis_noting_hits)
         )
-        errors = stack.resolver_metric("callerid_cache_lookups_total", result="error")
-        hits = stack.resolver_metric("callerid_cache_lookups_total", result="hit")
+        errors = stack.cache_lookups("error")
+        hits = stack.cache_lookups("hit")
         note(
             f"  redis: cache_errors={errors - errors_before:.0f} "
             f"hits_after_restart={hits - hits_before_end[0]:.0f}"

@@ -410,6 +410,16 @@ class Stack:
             metric_value(p.metrics(), name, **labels) for p in self.resolver_procs if p.alive
         )
 
+    def cache_lookups(self, result: str) -> float:
+        """Answer-cache lookups with this result (hit, miss, error) by the gateway, which reads
+        the cache first, and by the running resolvers, which read it for the gateway's misses."""
+        gateway = 0.0
+        if self.gateway is not None and self.gateway.alive:
+            gateway = metric_value(
+                self.gateway.metrics(), "callerid_gateway_cache_lookups_total", result=result
+            )
+        return gateway + self.resolver_metric("callerid_cache_lookups_total", result=result)
+
     def stop(self) -> None:
         """Gateway first (it drains), then resolvers, then the CRM; all by PID."""
         for proc in [self.gateway, *self.resolver_procs, self.crm]:

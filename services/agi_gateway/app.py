@@ -4,6 +4,8 @@ Two ways to get decisions behind the same `Identifier` port:
 - embedded (the default when no AMQP URL is set, or `--embedded`): the resolver runs in this
   process behind the in-memory bus; Redis is used for the cache if `CALLERID_REDIS_URL` is set;
 - scaled out: requests go to RabbitMQ and any number of `crm-resolver` processes answer.
+Either way, when there is a cache (embedded: always; scaled out: when `CALLERID_REDIS_URL`
+is set) the gateway reads it first and asks a resolver only on a miss (`cache_first`).
 
 Shutdown on SIGTERM/SIGINT: /readyz turns 503, the listener closes, live calls finish within
 `drain_timeout`, the rest take their failover decision, then the process exits.
@@ -21,13 +23,15 @@ import sys
 from prometheus_client import CollectorRegistry
 
 from agi_gateway.amqp_identifier import AmqpIdentifier
+from agi_gateway.cache_first import CacheFirstIdentifier
 from agi_gateway.flow import CallFlow, FlowSettings
 from agi_gateway.metrics import GatewayMetrics
 from agi_gateway.routing import JumpTemplates
 from agi_gateway.server import AgiServer
 from agi_gateway.settings import GatewaySettings
-from crm_resolver.app import build_resolver
+from crm_resolver.app import build_cache, build_resolver
 from crm_resolver.metrics import ResolverMetrics
+from crm_resolver.ports import Cache
 from crm_resolver.settings import ResolverSettings
 from crm_resolver.signing import CheckedSource, CrmCredentials
 from shared import runtime
@@ -105,6 +109,9 @@ class Gateway:
     async def _identifier(self) -> Identifier:
         settings = self.settings
         assert self.store is not None
+        store = self.store
+        inner: Identifier
+        cache: Cache | None = None
         if settings.runs_embedded:
             log.info("embedded mode: the resolver runs in this process (no broker)")
             bus = MemoryBus(
@@ -112,26 +119,36 @@ class Gateway:
                 on_late_reply=self.metrics.late_replies.inc,
             )
             self._stack.push_async_callback(bus.close)
+            cache = build_cache(self._stack, settings)
             resolver_settings = ResolverSettings.model_validate(settings.model_dump())
             resolver = await build_resolver(
                 self._stack,
                 resolver_settings,
-                self.store,
+                store,
                 ResolverMetrics(self.registry),
                 self._credentials,
+                cache,
             )
             bus.bind(resolver)
-            return bus
-        assert settings.amqp_url is not None
-        self._amqp = AmqpIdentifier(
-            settings.amqp_url,
-            self.metrics,
-            topology=Topology(prefix=settings.amqp_prefix),
-            publish_timeout=settings.publish_timeout,
-        )
-        await self._amqp.start()
-        self._stack.push_async_callback(self._amqp.close)
-        return self._amqp
+            inner = bus
+        else:
+            assert settings.amqp_url is not None
+            self._amqp = AmqpIdentifier(
+                settings.amqp_url,
+                self.metrics,
+                topology=Topology(prefix=settings.amqp_prefix),
+                publish_timeout=settings.publish_timeout,
+            )
+            await self._amqp.start()
+            self._stack.push_async_callback(self._amqp.close)
+            inner = self._amqp
+            # The resolvers' Redis, when the gateway is given it: repeat callers are then
+            # answered here, without the RabbitMQ round trip.
+            if settings.redis_url:
+                cache = build_cache(self._stack, settings)
+        if cache is None:
+            return inner
+        return CacheFirstIdentifier(inner, cache, lambda: store.current, self.metrics.cache_lookups)
 
     def ready(self) -> bool:
         serving = self.server is not None and self.server.serving

@@ -14,6 +14,7 @@ from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, zero_init
 from shared.outcomes import Outcome, Source
 
 RPC_RESULTS = ("reply", "timeout", "unavailable")
+CACHE_RESULTS = ("hit", "miss", "error")
 
 
 class GatewayMetrics:
@@ -33,7 +34,15 @@ class GatewayMetrics:
         )
         self.identify_requests = Counter(
             "callerid_identify_requests_total",
-            "Identification requests sent by the gateway, by node and RPC result.",
+            "Identification requests made by the gateway (answered from its cache or by a "
+            "resolver), by node and result.",
+            ["node", "result"],
+            registry=registry,
+        )
+        self.cache_lookups = Counter(
+            "callerid_gateway_cache_lookups_total",
+            "Answer-cache lookups made by the gateway before asking a resolver, by node and "
+            "result (hit, miss, error); only misses and errors go on to a resolver.",
             ["node", "result"],
             registry=registry,
         )
@@ -77,6 +86,7 @@ class GatewayMetrics:
             ((n, o.value, s.value) for n in names for o in Outcome for s in Source),
         )
         zero_init(self.identify_requests, ((n, r) for n in names for r in RPC_RESULTS))
+        zero_init(self.cache_lookups, ((n, r) for n in names for r in CACHE_RESULTS))
         zero_init(self.config_reloads, (("ok",), ("error",)))
         zero_init(
             self.sessions_rejected,

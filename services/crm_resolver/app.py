@@ -22,7 +22,7 @@ from crm_resolver.circuit import BreakerRegistry
 from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
 from crm_resolver.memory_cache import MemoryCache
 from crm_resolver.metrics import ResolverMetrics
-from crm_resolver.ports import Cache, FlightLock
+from crm_resolver.ports import Cache
 from crm_resolver.redis_cache import RedisCache
 from crm_resolver.resolver import Resolver
 from crm_resolver.settings import ResolverSettings
@@ -32,7 +32,7 @@ from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
 from shared.node_sources import NodeStore, source_from_setting
 from shared.nodes import ConfigError
-from shared.settings import add_common_flags, parse_listen
+from shared.settings import CommonSettings, add_common_flags, parse_listen
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,35 @@ def node_labeler(store: NodeStore) -> Callable[[str], str]:
     return label
 
 
+def build_cache(stack: contextlib.AsyncExitStack, settings: CommonSettings) -> Cache:
+    """The answer cache the settings name: Redis when `redis_url` is set, else in-process.
+
+    The gateway reads the same cache (to answer repeat callers without a resolver), so both
+    services build it here, with the same key pepper and timeout."""
+    if not settings.redis_url:
+        return MemoryCache()
+    redis_cache = RedisCache.from_url(
+        settings.redis_url,
+        timeout=settings.cache_timeout,
+        pepper=settings.cache_key_pepper,
+    )
+    stack.push_async_callback(redis_cache.close)
+    return redis_cache
+
+
 async def build_resolver(
     stack: contextlib.AsyncExitStack,
     settings: ResolverSettings,
     store: NodeStore,
     metrics: ResolverMetrics,
     credentials: CrmCredentials | None = None,
+    cache: Cache | None = None,
 ) -> Resolver:
     """The resolver with its CRM client and cache; closers go on `stack`.
 
     `credentials` resolves the nodes' CRM secrets (default: this process's environment, read
-    now, once); a node naming a secret that is not there is a ConfigError here."""
+    now, once); a node naming a secret that is not there is a ConfigError here. `cache`
+    (default: `build_cache`) lets an embedding gateway share the resolver's cache."""
     metrics.init_nodes(store.current.names())
     if credentials is None:
         credentials = CrmCredentials(os.environ)
@@ -75,20 +93,11 @@ async def build_resolver(
     )
     await crm.start()
     stack.push_async_callback(crm.close)
-    cache: Cache
+    if cache is None:
+        cache = build_cache(stack, settings)
     # Resolvers sharing a Redis merge identical lookups across processes through it; alone
     # on a memory cache, the in-process single-flight is all there is to merge.
-    flights: FlightLock | None = None
-    if settings.redis_url:
-        redis_cache = RedisCache.from_url(
-            settings.redis_url,
-            timeout=settings.cache_timeout,
-            pepper=settings.cache_key_pepper,
-        )
-        stack.push_async_callback(redis_cache.close)
-        cache = flights = redis_cache
-    else:
-        cache = MemoryCache()
+    flights = cache if isinstance(cache, RedisCache) else None
     breakers = BreakerRegistry(
         failure_threshold=settings.breaker_failures, reset_after=settings.breaker_reset
     )

@@ -1,0 +1,81 @@
+"""Answer repeat callers from the shared answer cache before asking a resolver.
+
+A cached answer is the same whether the gateway or a resolver reads it, but a resolver costs
+a RabbitMQ round trip (publish, confirm, delivery, reply, ack) and a resolver wake-up on top
+of the one Redis GET: the benchmark measured that as about 60 % of the CPU of a cache hit.
+So the gateway reads the cache itself and sends only misses on to the `inner` identifier.
+
+What belongs here: the read and its counting. Writing the cache, merging lookups and asking
+the CRM stay with the resolver, which also looks at the cache again (atomically with its
+flight lock), so an answer stored between the two reads is still found.
+
+Rules:
+- Only nodes that ask the CRM and cache something (a TTL > 0) are looked up.
+- An answer the node no longer accepts (its config changed since it was cached) is a miss:
+  the resolver asks the CRM again and overwrites it.
+- A cache failure (`CacheMiss.ERROR`: Redis down or slower than `CALLERID_CACHE_TIMEOUT`) is
+  counted and the request goes on to the resolver, so a dead Redis costs the call one bounded
+  timeout, never the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import Counter
+
+from crm_resolver.ports import Cache, CacheMiss, CrmAnswer
+from crm_resolver.resolver import _judge as judge
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.nodes import NodeConfig, NodeSet
+from shared.outcomes import Source
+from shared.ports import Identifier
+
+
+class CacheFirstIdentifier:
+    """An `Identifier` that answers from `cache` when it can and asks `inner` otherwise."""
+
+    def __init__(
+        self,
+        inner: Identifier,
+        cache: Cache,
+        nodes: Callable[[], NodeSet],
+        lookups: Counter,
+    ) -> None:
+        self._inner = inner
+        self._cache = cache
+        self._nodes = nodes
+        self._lookups = lookups
+        # (node name, result) → counter child: label lookups are not free on the hot path.
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    @property
+    def pending(self) -> int:
+        return self._inner.pending
+
+    async def identify(self, request: IdentifyRequest) -> IdentifyReply:
+        node = self._nodes().get(request.node_id)
+        if node is None or not _caches(node):
+            return await self._inner.identify(request)
+        found = await self._cache.fetch(node.id, request.customer_id)
+        if isinstance(found, CrmAnswer) and judge(node, found) is None:
+            self._count(node.name, "hit")
+            return IdentifyReply(
+                request_id=request.request_id,
+                verdict=found.verdict,
+                destination=found.destination,
+                source=Source.CACHE,
+            )
+        self._count(node.name, "error" if found is CacheMiss.ERROR else "miss")
+        return await self._inner.identify(request)
+
+    def _count(self, node_name: str, result: str) -> None:
+        key = (node_name, result)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._lookups.labels(node_name, result)
+        child.inc()
+
+
+def _caches(node: NodeConfig) -> bool:
+    return node.uses_crm and (node.cache_ttl_positive > 0 or node.cache_ttl_negative > 0)

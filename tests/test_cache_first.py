@@ -1,0 +1,140 @@
+"""The gateway answers repeat callers from the answer cache and asks a resolver only on a miss."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agi_gateway.cache_first import CacheFirstIdentifier
+from agi_gateway.metrics import GatewayMetrics
+from shared.messages import IdentifyReply, IdentifyRequest
+from shared.nodes import NodeConfig, NodeSet
+from shared.outcomes import Interaction, Source, Verdict
+from tests.fakes import FALSE, TRUE, RecordingCache, destination
+
+
+def make_node(**overrides: Any) -> NodeConfig:
+    fields: dict[str, Any] = {
+        "id": "1",
+        "name": "gold",
+        "interaction": Interaction.CRM_DESTINATION,
+        "url": "https://crm.example.com/identify",
+        "audio": "prompt",
+        "on_identified": "1,3",
+        "on_not_identified": "1,4",
+        "allowed_destination_types": [1, 2],
+    }
+    fields.update(overrides)
+    return NodeConfig.model_validate(fields)
+
+
+class RecordingIdentifier:
+    """The identifier behind the cache: records what reaches it and answers from the CRM."""
+
+    def __init__(self) -> None:
+        self.requests: list[IdentifyRequest] = []
+        self.pending = 0
+
+    async def identify(self, request: IdentifyRequest) -> IdentifyReply:
+        self.requests.append(request)
+        return IdentifyReply(request_id=request.request_id, verdict=Verdict.FALSE)
+
+
+class Harness:
+    def __init__(self, node: NodeConfig, *, broken: bool = False) -> None:
+        self.cache = RecordingCache(broken=broken)
+        self.inner = RecordingIdentifier()
+        self.metrics = GatewayMetrics(CollectorRegistry())
+        nodes = NodeSet([node])
+        self.identifier = CacheFirstIdentifier(
+            self.inner, self.cache, lambda: nodes, self.metrics.cache_lookups
+        )
+
+    async def ask(self, node_id: str = "1", customer_id: str = "12345") -> IdentifyReply:
+        request = IdentifyRequest(
+            request_id="r1", node_id=node_id, customer_id=customer_id, deadline=time.time() + 4
+        )
+        return await self.identifier.identify(request)
+
+    def lookups(self, result: str, node: str = "gold") -> float:
+        return self.metrics.cache_lookups.labels(node, result)._value.get()
+
+
+async def test_a_cached_answer_is_the_reply_and_no_resolver_is_asked() -> None:
+    h = Harness(make_node())
+    await h.cache.put("1", "12345", destination(2, 7), 60)
+    reply = await h.ask()
+    assert (reply.verdict, reply.destination, reply.source) == (
+        Verdict.DESTINATION,
+        destination(2, 7).destination,
+        Source.CACHE,
+    )
+    assert reply.request_id == "r1"
+    assert h.inner.requests == []
+    assert (h.lookups("hit"), h.lookups("miss")) == (1, 0)
+
+
+@pytest.mark.parametrize("answer", [TRUE, FALSE])
+async def test_true_and_false_answers_come_from_the_cache_too(answer: Any) -> None:
+    h = Harness(make_node(interaction=Interaction.CRM_TRUE_FALSE))
+    await h.cache.put("1", "12345", answer, 60)
+    reply = await h.ask()
+    assert (reply.verdict, reply.source) == (answer.verdict, Source.CACHE)
+    assert h.inner.requests == []
+
+
+async def test_a_miss_goes_to_the_resolver_and_is_counted() -> None:
+    h = Harness(make_node())
+    reply = await h.ask()
+    assert reply.source is Source.CRM
+    assert [r.customer_id for r in h.inner.requests] == ["12345"]
+    assert (h.lookups("hit"), h.lookups("miss"), h.lookups("error")) == (0, 1, 0)
+
+
+async def test_a_broken_cache_is_counted_and_the_resolver_answers() -> None:
+    h = Harness(make_node(), broken=True)
+    reply = await h.ask()
+    assert reply.source is Source.CRM
+    assert len(h.inner.requests) == 1
+    assert (h.lookups("error"), h.lookups("miss")) == (1, 0)
+
+
+async def test_an_answer_the_node_no_longer_accepts_is_a_miss() -> None:
+    # Cached when type 9 was allowed; the node's allow-list has changed since.
+    h = Harness(make_node())
+    await h.cache.put("1", "12345", destination(9, 2), 60)
+    reply = await h.ask()
+    assert reply.source is Source.CRM
+    assert len(h.inner.requests) == 1
+    assert h.lookups("miss") == 1
+
+
+async def test_a_destination_cached_for_a_true_false_node_is_a_miss() -> None:
+    h = Harness(make_node(interaction=Interaction.CRM_TRUE_FALSE))
+    await h.cache.put("1", "12345", destination(1, 3), 60)
+    await h.ask()
+    assert len(h.inner.requests) == 1
+
+
+async def test_a_node_that_caches_nothing_is_not_looked_up() -> None:
+    h = Harness(make_node(cache_ttl_positive=0, cache_ttl_negative=0))
+    await h.cache.put("1", "12345", TRUE, 60)  # left over from before the change
+    await h.ask()
+    assert len(h.inner.requests) == 1
+    assert (h.lookups("hit"), h.lookups("miss")) == (0, 0)
+
+
+async def test_unknown_nodes_go_to_the_resolver_without_a_lookup() -> None:
+    h = Harness(make_node())
+    await h.ask(node_id="77")
+    assert [r.node_id for r in h.inner.requests] == ["77"]
+    assert h.lookups("miss") == 0
+
+
+async def test_pending_is_the_inner_identifiers() -> None:
+    h = Harness(make_node())
+    h.inner.pending = 3
+    assert h.identifier.pending == 3
