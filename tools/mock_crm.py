@@ -64,6 +64,10 @@ _SLOW_DEFAULT_MS = 5000.0
 _MAX_DELAY_MS = 600_000.0
 _MODES: tuple[Mode, ...] = get_args(Mode)
 # Delayed answers are woken on shutdown, so this only bounds a client that stops reading.
+# aiohttp's default of 128 overflows when a load test's resolvers open thousands of CRM
+# connections at once; the dropped SYNs come back after 1, 3, 7 s of retransmission and read
+# as a slow CRM.
+LISTEN_BACKLOG = 4096
 _SHUTDOWN_SECONDS = 1.0
 
 
@@ -311,7 +315,7 @@ async def start_mock_crm(
     await runner.setup()
     started = False
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
         bound = runner.addresses[0]
         started = True
     finally:
@@ -360,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print=None,
         shutdown_timeout=_SHUTDOWN_SECONDS,
         handler_cancellation=True,
+        backlog=LISTEN_BACKLOG,
     )
     return 0
 
