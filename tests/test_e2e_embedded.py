@@ -97,7 +97,12 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+def gateway_cache() -> bool:
+    return True
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, gateway_cache: bool) -> AsyncIterator[Stack]:
     crm = await start_mock_crm(TABLE)
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text(NODES_YAML.format(crm=crm.url.rstrip("/")))
@@ -109,12 +114,28 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
             http_listen="127.0.0.1:0",
             jump_templates={"*": "oml-dest-{type},{id},1"},
             drain_timeout=2,
+            gateway_cache=gateway_cache,
         )
     )
     await gateway.start()
     yield Stack(gateway, crm)
     await gateway.stop()
     await crm.close()
+
+
+@pytest.mark.parametrize("gateway_cache", [True, False])
+async def test_the_gateway_reads_the_cache_first_unless_told_not_to(
+    stack: Stack, gateway_cache: bool
+) -> None:
+    """A repeat caller is answered by the gateway's cache read (the resolver never sees it);
+    with CALLERID_GATEWAY_CACHE=false the resolver answers it from the same cache."""
+    for _ in range(2):
+        await stack.call(CallScript(node="1", entries=["12345"]))
+    registry = stack.gateway.registry
+    labels = {"node": "gold-customers", "result": "hit"}
+    by_gateway = registry.get_sample_value("callerid_gateway_cache_lookups_total", labels)
+    by_resolver = registry.get_sample_value("callerid_cache_lookups_total", labels)
+    assert (by_gateway, by_resolver) == ((1.0, 0.0) if gateway_cache else (0.0, 1.0))
 
 
 def outcome(result: CallResult) -> tuple[str, str, str, str]:

@@ -144,9 +144,9 @@ class Gateway:
             inner = self._amqp
             # The resolvers' Redis, when the gateway is given it: repeat callers are then
             # answered here, without the RabbitMQ round trip.
-            if settings.redis_url:
+            if settings.redis_url and settings.gateway_cache:
                 cache = build_cache(self._stack, settings)
-        if cache is None:
+        if cache is None or not settings.gateway_cache:
             return inner
         return CacheFirstIdentifier(inner, cache, lambda: store.current, self.metrics.cache_lookups)
 

@@ -27,6 +27,10 @@ class GatewaySettings(CommonSettings):
     # delivered on a busy box (the confirm arrived late); the benchmark measured it.
     publish_timeout: float = Field(default=2.0, ge=0.01, le=10)
     embedded_concurrency: int = Field(default=1024, ge=1, le=100_000)
+    gateway_cache: bool = Field(
+        default=True,
+        description="Answer cached callers from the cache before asking a resolver.",
+    )
 
     @field_validator("agi_listen")
     @classmethod
