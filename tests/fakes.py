@@ -7,10 +7,12 @@
 - `RecordingCache`: the real `MemoryCache`, recording every `put`, and breakable (every read
   then reports `CacheMiss.ERROR`, every write is dropped), as a failing Redis would.
 - `FakeFlights`: a `FlightLock` over a cache, with what the Redis adapter promises (a lease
-  only while no answer is cached; the lock expires on the given clock; release only by its
-  own lease). Several resolvers handed one `FakeFlights` and one cache behave like resolver
-  processes sharing Redis. Breakable; `on_lead` and `on_peek` run before every lead and look
-  (to move a fake clock, or let "another process" act, at a known point without sleeping).
+  only while no answer is cached; the lock expires on the given clock; `settle` stores the
+  answer with the cache's `put`, then releases the lock only if it is still its lease's).
+  Several resolvers handed one `FakeFlights` and one cache behave like resolver processes
+  sharing Redis. Breakable; `on_lead`, `on_peek` and `on_settle` run before every lead, look
+  and settle (to move a fake clock, let "another process" act, or hold a settle, at a known
+  point without sleeping).
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ class FakeFlights:
         self.broken = False
         self.on_lead: Callable[[], Awaitable[None]] | None = None
         self.on_peek: Callable[[], Awaitable[None]] | None = None
+        self.on_settle: Callable[[], Awaitable[None]] | None = None
         self.leads: list[tuple[str, str, float]] = []
-        self.released: list[Lease] = []
+        self.settled: list[tuple[Lease, CrmAnswer | None, float]] = []
         self.peeks = 0
         # (node id, customer id) → (token, expires at)
         self.locks: dict[tuple[str, str], tuple[str, float]] = {}
@@ -175,8 +178,12 @@ class FakeFlights:
             return found
         return Flight.HELD if self.held(node_id, customer_id) else Flight.FREE
 
-    async def release(self, lease: Lease) -> None:
-        self.released.append(lease)
+    async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
+        if self.on_settle is not None:
+            await self.on_settle()
+        self.settled.append((lease, answer, ttl))
+        if answer is not None and ttl > 0:
+            await self.cache.put(lease.node_id, lease.customer_id, answer, ttl)
         key = (lease.node_id, lease.customer_id)
         lock = self.locks.get(key)
         if lock is not None and lock[0] == lease.token:

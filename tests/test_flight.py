@@ -1,4 +1,5 @@
-"""Identical lookups merged across resolver processes, through the real Redis (DESIGN §7).
+"""Identical lookups merged across resolver processes, through the real Redis (DESIGN §7),
+and what a lookup costs in Redis round trips.
 
 Each "process" here is a `Resolver` with its own Redis client (`RedisCache`), metrics and
 breakers, as in separate `crm-resolver` processes consuming one queue; they share only Redis
@@ -12,13 +13,14 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis.asyncio
 from prometheus_client import CollectorRegistry
 
 from crm_resolver.metrics import ResolverMetrics
-from crm_resolver.ports import CrmAnswer, Flight, Lease
+from crm_resolver.ports import CrmAnswer, CrmStatusFail, Flight, Lease
 from crm_resolver.redis_cache import RedisCache
 from crm_resolver.resolver import LOCK_MARGIN, Resolver
 from shared.messages import IdentifyReply, IdentifyRequest
@@ -163,6 +165,7 @@ async def test_the_lock_lasts_the_budget_plus_margin_and_is_released(
         assert first.crm.gate is not None
         first.crm.gate.set()
         assert (await task).source is Source.CRM
+        await first.resolver.close()  # the store and release run after the reply
         assert await raw.exists(key) == 0
     finally:
         await raw.aclose()
@@ -189,3 +192,64 @@ async def test_a_holder_that_died_delays_others_by_at_most_its_lock_ttl(
     assert sum(len(p.crm.calls) for p in processes) == 1
     assert {r.verdict for r in replies} == {Verdict.DESTINATION}
     assert sum(r.source is Source.CRM for r in replies) == 2  # the calling process's two
+
+
+async def test_a_miss_costs_two_round_trips_and_a_hit_one(
+    redis_base_url: str, unique_name: str
+) -> None:
+    """Counting the commands the resolver's Redis client sends (one round trip each: the
+    cache sends no pipelines): a miss answered by the CRM is exactly two, `lead` then the
+    store + release; a hit is exactly one, `lead`; a miss whose CRM call fails is two too,
+    the second only releasing the lock (nothing is cached)."""
+    sent: list[str] = []
+
+    class CountingConnection(redis.asyncio.Connection):
+        async def send_command(self, *args: Any, **kwargs: Any) -> None:
+            sent.append(str(args[0]).upper())
+            await super().send_command(*args, **kwargs)
+
+    client = redis.asyncio.Redis.from_url(redis_base_url, connection_class=CountingConnection)
+    cache = RedisCache(client, key_prefix=f"{unique_name}:", flight_prefix=f"{unique_name}:flight:")
+    crm = FakeCrm(default=destination(1, 7))
+    metrics = ResolverMetrics(CollectorRegistry())
+    metrics.init_nodes(NODES.names())
+    resolver = Resolver(lambda: NODES, crm, cache, metrics, flights=cache)
+    raw = redis.asyncio.Redis.from_url(redis_base_url)
+    try:
+        # Connect, and load the scripts (NOSCRIPT, SCRIPT LOAD) if this Redis lacks them.
+        await resolver(request("1", left=2.0))
+        await resolver.close()
+
+        sent.clear()
+        miss = await resolver(request("4242", left=2.0))
+        await resolver.close()
+        assert (miss.source, len(crm.calls)) == (Source.CRM, 2)
+        assert sent == ["EVALSHA", "EVALSHA"]
+        assert 250_000 < await raw.pttl(cache.key("1", "4242")) <= 330_000
+        assert await raw.exists(cache.flight_key("1", "4242")) == 0
+
+        sent.clear()
+        hit = await resolver(request("4242", left=2.0))
+        await resolver.close()
+        assert (hit.source, hit.destination, len(crm.calls)) == (
+            Source.CACHE,
+            destination(1, 7).destination,
+            2,
+        )
+        assert sent == ["EVALSHA"]
+
+        crm.script.append(CrmStatusFail("fail"))
+        sent.clear()
+        failed = await resolver(request("5151", left=2.0))
+        await resolver.close()
+        assert failed.verdict is Verdict.ERROR
+        assert sent == ["EVALSHA", "EVALSHA"]
+        assert await raw.exists(cache.key("1", "5151"), cache.flight_key("1", "5151")) == 0
+        assert cache.errors == 0
+    finally:
+        await resolver.close()
+        await cache.close()
+        keys = [key async for key in raw.scan_iter(match=f"{unique_name}:*", count=1000)]
+        if keys:
+            await raw.unlink(*keys)
+        await raw.aclose()

@@ -122,14 +122,15 @@ async def test_lead_grants_one_lease_with_the_ttl_given(
     cache: RedisCache, raw: redis.asyncio.Redis
 ) -> None:
     """The first lead gets a lease (lock set with PX = ttl); while it holds, others are HELD
-    and peek says HELD; once released, peek says FREE and the next lead gets a new lease."""
+    and peek says HELD; once settled without an answer (a plain release), peek says FREE and
+    the next lead gets a new lease."""
     lease = await cache.lead("n1", "12345", 2.5)
     assert isinstance(lease, Lease)
     assert 2_000 < await raw.pttl(cache.flight_key("n1", "12345")) <= 2_500
     assert await cache.lead("n1", "12345", 2.5) is Flight.HELD
     assert await cache.peek("n1", "12345") is Flight.HELD
     assert isinstance(await cache.lead("n1", "other", 2.5), Lease)
-    await cache.release(lease)
+    await cache.settle(lease)
     assert await cache.peek("n1", "12345") is Flight.FREE
     again = await cache.lead("n1", "12345", 2.5)
     assert isinstance(again, Lease)
@@ -146,21 +147,53 @@ async def test_lead_returns_a_stored_answer_instead_of_a_lease(
     assert isinstance(held, Lease)
     await cache.put("n1", "1", destination(1, 3), 60)
     assert await cache.peek("n1", "1") == destination(1, 3)
-    await cache.release(held)
+    await cache.settle(held)
     assert await cache.lead("n1", "1", 5) == destination(1, 3)
     assert await raw.exists(cache.flight_key("n1", "1")) == 0
 
 
-async def test_release_only_deletes_its_own_lock(
+async def test_settle_stores_the_answer_and_releases_the_lock_at_once(
     cache: RedisCache, raw: redis.asyncio.Redis
 ) -> None:
-    """A lease whose lock expired and was taken by another holder cannot release that one."""
+    """settle with an answer: the answer is stored (compact JSON, PX = ttl) and the lock is
+    gone; peek and lead then return the answer."""
+    lease = await cache.lead("n1", "12345", 5)
+    assert isinstance(lease, Lease)
+    await cache.settle(lease, destination(1, 3), 12.5)
+    key = cache.key("n1", "12345")
+    assert await raw.get(key) == b'{"v":"destination","t":1,"i":3}'
+    assert 12_000 < await raw.pttl(key) <= 12_500
+    assert await raw.exists(cache.flight_key("n1", "12345")) == 0
+    assert await cache.peek("n1", "12345") == destination(1, 3)
+    assert await cache.lead("n1", "12345", 5) == destination(1, 3)
+    assert cache.errors == 0
+
+
+@pytest.mark.parametrize(("answer", "ttl"), [(None, 0.0), (TRUE, 0.0), (TRUE, 0.0001)])
+async def test_settle_with_nothing_to_cache_only_releases(
+    cache: RedisCache, raw: redis.asyncio.Redis, answer: CrmAnswer | None, ttl: float
+) -> None:
+    """No answer, or a TTL under 1 ms: nothing is stored, the lock goes, peek says FREE."""
+    lease = await cache.lead("n1", "12345", 5)
+    assert isinstance(lease, Lease)
+    await cache.settle(lease, answer, ttl)
+    assert await raw.exists(cache.key("n1", "12345"), cache.flight_key("n1", "12345")) == 0
+    assert await cache.peek("n1", "12345") is Flight.FREE
+    assert cache.errors == 0
+
+
+async def test_settle_only_deletes_its_own_lock(
+    cache: RedisCache, raw: redis.asyncio.Redis
+) -> None:
+    """A lease whose lock expired and was taken by another holder cannot release that one;
+    its answer, a real CRM answer, is still stored."""
     stale = await cache.lead("n1", "7", 5)
     assert isinstance(stale, Lease)
     key = cache.flight_key("n1", "7")
     await raw.set(key, b"another-holder", px=5_000)
-    await cache.release(stale)
+    await cache.settle(stale, FALSE, 60)
     assert await raw.get(key) == b"another-holder"
+    assert await cache.fetch("n1", "7") == FALSE
 
 
 async def test_flight_key_hides_the_customer_id_and_has_its_own_prefix(
@@ -190,7 +223,7 @@ async def test_closed_port_fails_open_quickly(caplog: pytest.LogCaptureFixture) 
             await cache.put("n1", "1", TRUE, 60)
             assert await cache.lead("n1", "1", 4) is Flight.ERROR
             assert await cache.peek("n1", "1") is Flight.ERROR
-            await cache.release(Lease("n1", "1", "token"))
+            await cache.settle(Lease("n1", "1", "token"), TRUE, 60)
         assert time.monotonic() - started < 0.5
     finally:
         await cache.close()

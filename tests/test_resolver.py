@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from crm_resolver.circuit import BreakerRegistry
 from crm_resolver.metrics import ResolverMetrics
 from crm_resolver.ports import (
+    CacheMiss,
     CrmAnswer,
     CrmBadResponse,
     CrmError,
@@ -40,6 +41,22 @@ from tests.fakes import (
 URL = "https://crm.example.com/identify"
 
 
+class ReadCounter:
+    """The cache as a resolver sees it, counting that resolver's own reads (a `FakeFlights`
+    reads the cache underneath, uncounted: its reads are the flight lock's round trips)."""
+
+    def __init__(self, cache: RecordingCache) -> None:
+        self.cache = cache
+        self.fetches = 0
+
+    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
+        self.fetches += 1
+        return await self.cache.fetch(node_id, customer_id)
+
+    async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:
+        await self.cache.put(node_id, customer_id, answer, ttl)
+
+
 def make_node(**overrides: Any) -> NodeConfig:
     fields: dict[str, Any] = {
         "id": "1",
@@ -62,6 +79,7 @@ class Harness:
     clock: FakeClock
     breaker_clock: FakeClock
     registry: CollectorRegistry
+    reads: ReadCounter
     flights: FakeFlights | None = None
     nodes: NodeSet | None = None
     counter: list[int] = field(default_factory=lambda: [0])
@@ -94,10 +112,11 @@ class Harness:
         assert self.nodes is not None
         node_set = self.nodes
         metrics.init_nodes(node_set.names())
+        reads = ReadCounter(self.cache)
         resolver = Resolver(
             lambda: node_set,
             self.crm,
-            self.cache,
+            reads,
             metrics,
             clock=self.clock,
             breakers=BreakerRegistry(clock=self.breaker_clock),
@@ -112,6 +131,7 @@ class Harness:
             self.clock,
             self.breaker_clock,
             registry,
+            reads,
             self.flights,
             node_set,
             self.counter,
@@ -128,6 +148,7 @@ def harness(
     broken_cache: bool = False,
     failure_threshold: int = 5,
     flights: bool = False,
+    close_timeout: float = 1.0,
 ) -> Harness:
     clock = FakeClock()
     breaker_clock = FakeClock()
@@ -137,6 +158,7 @@ def harness(
     metrics.init_nodes(node_set.names())
     crm = FakeCrm(results or (), default=default, clock=clock, takes=takes)
     cache = RecordingCache(broken=broken_cache, clock=clock)
+    reads = ReadCounter(cache)
     flight_lock = FakeFlights(cache, clock) if flights else None
     breakers = BreakerRegistry(
         failure_threshold=failure_threshold, reset_after=5.0, clock=breaker_clock
@@ -144,7 +166,7 @@ def harness(
     resolver = Resolver(
         lambda: node_set,
         crm,
-        cache,
+        reads,
         metrics,
         clock=clock,
         breakers=breakers,
@@ -152,8 +174,11 @@ def harness(
         jitter=lambda ttl: ttl,
         flights=flight_lock,
         flight_poll=0,
+        close_timeout=close_timeout,
     )
-    return Harness(resolver, crm, cache, clock, breaker_clock, registry, flight_lock, node_set)
+    return Harness(
+        resolver, crm, cache, clock, breaker_clock, registry, reads, flight_lock, node_set
+    )
 
 
 # --- verdicts -------------------------------------------------------------------------------
@@ -418,9 +443,20 @@ def _tick_hook(clock: FakeClock, seconds: float) -> Callable[[], Awaitable[None]
     return hook
 
 
+def _gate_hook(entered: asyncio.Event, gate: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """A hook that says it was reached, then waits for the test to open the gate."""
+
+    async def hook() -> None:
+        entered.set()
+        await gate.wait()
+
+    return hook
+
+
 async def test_a_miss_takes_the_flight_lock_for_the_budget_and_releases_it() -> None:
     """On a miss the CRM is asked while holding the lookup's lock, taken for the time left
-    plus LOCK_MARGIN, and released after the answer is stored."""
+    plus LOCK_MARGIN by the one `lead` that was also the cache read (no separate read), and
+    given back with the answer stored, by one `settle`."""
     h = harness(flights=True)
     assert h.flights is not None
     gate = h.crm.hold()
@@ -431,27 +467,162 @@ async def test_a_miss_takes_the_flight_lock_for_the_budget_and_releases_it() -> 
     gate.set()
     reply = await task
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    await h.resolver.close()
     ((node_id, customer_id, ttl),) = h.flights.leads
     assert (node_id, customer_id) == ("1", "777")
     assert ttl == pytest.approx(3.0 + LOCK_MARGIN)
-    assert len(h.flights.released) == 1
+    assert h.reads.fetches == 0
+    ((lease, answer, answer_ttl),) = h.flights.settled
+    assert (lease.customer_id, answer, answer_ttl) == ("777", TRUE, 300.0)
     assert h.flights.locks == {}
-    assert len(h.cache.puts) == 1
+    assert h.cache.puts == [("1", "777", TRUE, 300.0)]
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 0
+    assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
 
-async def test_cache_hits_and_uncached_nodes_never_touch_the_lock() -> None:
-    """A cache hit costs no lock round trip; a node with both TTLs 0 skips the lock."""
+async def test_with_the_lock_a_hit_is_one_lead_and_no_other_round_trip() -> None:
+    """With a flight lock a cached answer comes back from the one `lead`: no separate cache
+    read, no lock taken, no settle; counted as a hit, not merged. A node with both TTLs 0
+    neither reads the cache nor touches the lock."""
     h = harness(flights=True)
     assert h.flights is not None
-    await h.ask()
-    assert (await h.ask()).source is Source.CACHE
+    await h.cache.put("1", "12345", destination(1, 9), 60)
+    reply = await h.ask()
+    assert (reply.destination, reply.source, reply.crm_ms) == (
+        Destination(type=1, id=9),
+        Source.CACHE,
+        None,
+    )
     assert len(h.flights.leads) == 1
+    assert h.reads.fetches == 0
+    await h.resolver.close()
+    assert h.flights.settled == []
+    assert h.flights.locks == {}
+    assert h.crm.calls == []
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 0
+    assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
     u = harness(flights=True, nodes=[make_node(cache_ttl_positive=0, cache_ttl_negative=0)])
     assert u.flights is not None
     await u.ask()
     assert u.flights.leads == []
+    assert u.reads.fetches == 0
     assert len(u.crm.calls) == 1
+
+
+async def test_without_a_lock_the_cache_is_read_first_as_before() -> None:
+    """Without a flight lock (memory cache, embedded) a request reads the cache itself, and
+    a miss stores the answer before its reply: the next request hits."""
+    h = harness()
+    assert (await h.ask()).source is Source.CRM
+    assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
+    assert (await h.ask()).source is Source.CACHE
+    assert h.reads.fetches == 2
+
+
+async def test_identical_hits_in_flight_share_one_lead() -> None:
+    """Identical requests arriving while a `lead` is in flight join it: one round trip for
+    all, each counted as a hit (and none as merged: a hit saves no CRM call)."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    await h.cache.put("1", "12345", FALSE, 60)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    h.flights.on_lead = _gate_hook(entered, gate)
+    tasks = [asyncio.create_task(h.ask()) for _ in range(5)]
+    await entered.wait()
+    gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert {(r.verdict, r.source) for r in replies} == {(Verdict.FALSE, Source.CACHE)}
+    assert len(h.flights.leads) == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 5
+    assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 0
+
+
+async def test_the_reply_does_not_wait_for_the_store_and_release() -> None:
+    """The reply is returned while the `settle` (store + release) is still running; a lookup
+    arriving meanwhile finds the lock held and gets the answer by polling once it is stored
+    (merged); close() waits for the settle."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    settling, gate = asyncio.Event(), asyncio.Event()
+    h.flights.on_settle = _gate_hook(settling, gate)
+
+    reply = await h.ask()
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    await settling.wait()
+    assert not gate.is_set()
+    assert h.flights.held("1", "12345")
+    assert h.cache.puts == []
+
+    polling = asyncio.Event()
+    h.flights.on_peek = _event_hook(polling)
+    later = asyncio.create_task(h.ask())
+    await polling.wait()
+    assert not later.done()
+    gate.set()
+    late = await later
+    assert (late.verdict, late.source) == (Verdict.TRUE, Source.CACHE)
+    assert len(h.crm.calls) == 1
+    assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 2
+
+    await h.resolver.close()
+    assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
+    assert h.flights.locks == {}
+
+
+async def test_close_waits_for_a_store_still_running() -> None:
+    """close() returns only once a settle still running after its reply has ended."""
+    h = harness(flights=True)
+    assert h.flights is not None
+    settling, gate = asyncio.Event(), asyncio.Event()
+    h.flights.on_settle = _gate_hook(settling, gate)
+    await h.ask()
+    await settling.wait()
+    gate.set()  # the settle can go on now, but only once this test yields to the loop
+    await h.resolver.close()
+    assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
+    assert h.flights.locks == {}
+
+
+async def test_close_gives_up_on_a_store_that_never_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """A settle stuck past close_timeout is cancelled (the lock then expires by itself) and
+    close() returns, with a warning."""
+    h = harness(flights=True, close_timeout=0.01)
+    assert h.flights is not None
+    settling, never = asyncio.Event(), asyncio.Event()
+    h.flights.on_settle = _gate_hook(settling, never)
+    await h.ask()
+    await settling.wait()
+    with caplog.at_level(logging.WARNING, logger="crm_resolver.resolver"):
+        async with asyncio.timeout(5):
+            await h.resolver.close()
+    assert h.flights.settled == []
+    assert h.flights.held("1", "12345")
+    assert "cache writes unfinished at close" in caplog.text
+
+
+async def test_a_failing_store_after_the_reply_is_logged_never_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception from a settle running after the reply (a bug: adapters fail open) does
+    not reach the caller nor close(); it is logged as an error."""
+    h = harness(flights=True)
+    assert h.flights is not None
+
+    async def broken() -> None:
+        raise RuntimeError("bug in the adapter")
+
+    h.flights.on_settle = broken
+    with caplog.at_level(logging.ERROR, logger="crm_resolver.resolver"):
+        reply = await h.ask()
+        await h.resolver.close()
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 async def test_another_process_holding_the_lock_is_waited_for_and_its_answer_served() -> None:
@@ -478,11 +649,14 @@ async def test_another_process_holding_the_lock_is_waited_for_and_its_answer_ser
     assert b.sample("callerid_crm_lookups_merged_total", node="gold") == 1
     assert b.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
     assert b.sample("callerid_crm_requests_total", node="gold", result="destination") == 0
+    await a.resolver.close()
+    await b.resolver.close()
+    assert [answer for _, answer, _ in a.flights.settled] == [destination(1, 9)]
 
 
 async def test_lock_released_without_an_answer_means_the_waiter_asks_itself() -> None:
-    """A's CRM call fails (errors are not cached) and A lets go: B, which was waiting, takes
-    the lock and asks the CRM itself, once, and gets the CRM's answer."""
+    """A's CRM call fails (errors are not cached) and A lets go, storing nothing: B, which
+    was waiting, takes the lock and asks the CRM itself, once, and gets the CRM's answer."""
     a = harness([CrmStatusFail("fail")], flights=True)
     assert a.flights is not None
     b = a.peer()
@@ -498,8 +672,11 @@ async def test_lock_released_without_an_answer_means_the_waiter_asks_itself() ->
     ra, rb = await asyncio.gather(first, second)
     assert ra.error is ErrorCode.CRM_STATUS_FAIL
     assert (rb.verdict, rb.source) == (Verdict.TRUE, Source.CRM)
+    await a.resolver.close()
+    await b.resolver.close()
     assert len(a.crm.calls) == 2
     assert len(a.flights.leads) == 3  # A once; B found it held, then took it
+    assert [(answer, ttl) for _, answer, ttl in a.flights.settled] == [(None, 0.0), (TRUE, 300.0)]
     assert a.flights.locks == {}
     assert b.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
@@ -521,7 +698,7 @@ async def test_a_dead_holder_delays_the_others_only_until_its_lock_expires() -> 
 
 async def test_deadline_passing_while_waiting_for_another_process_is_crm_timeout() -> None:
     """A waiter whose deadline passes before the holder answers replies crm_timeout, without
-    asking the CRM and without taking the holder's lock."""
+    asking the CRM and without taking the holder's lock; its lookup counts as a miss."""
     h = harness(flights=True)
     assert h.flights is not None
     other = h.flights.hold("1", "12345", ttl=30)
@@ -531,39 +708,87 @@ async def test_deadline_passing_while_waiting_for_another_process_is_crm_timeout
     assert h.crm.calls == []
     assert h.flights.peeks == 4
     assert h.flights.locks[("1", "12345")][0] == other.token
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
 
 
-async def test_answer_stored_between_the_cache_read_and_the_lock_is_served() -> None:
-    """If another process stores the answer after this one's cache read missed, taking the
-    lock returns that answer instead of a lease: no second CRM call."""
+async def test_a_request_giving_up_before_its_shared_lookup_ends_counts_a_miss() -> None:
+    """A caller that joined a longer shared lookup and gives up at its own deadline is
+    counted once, as a miss (it was not answered from the cache)."""
+    h = harness(flights=True)
+    gate = h.crm.hold()
+    leader = asyncio.create_task(h.ask(left=30.0))
+    await h.crm.entered.wait()
+    joiner = await h.ask(left=0.05)
+    assert joiner.error is ErrorCode.CRM_TIMEOUT
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    gate.set()
+    assert (await leader).verdict is Verdict.TRUE
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 2
+    await h.resolver.close()
+
+
+async def test_answer_stored_after_the_lock_came_free_is_served_as_merged() -> None:
+    """If another process stores the answer after this one saw its lock go (FREE), taking
+    the lock returns that answer instead of a lease: no CRM call, counted miss and merged."""
     h = harness(flights=True)
     assert h.flights is not None
+    other = h.flights.hold("1", "12345", ttl=30)
 
-    async def other_process_answers() -> None:
-        await h.cache.put("1", "12345", FALSE, 60)
+    async def other_lets_go() -> None:
+        assert h.flights is not None
+        del h.flights.locks[("1", other.customer_id)]
 
-    h.flights.on_lead = other_process_answers
+    async def other_answers_on_second_lead() -> None:
+        assert h.flights is not None
+        if len(h.flights.leads) == 2:
+            await h.cache.put("1", "12345", FALSE, 60)
+
+    h.flights.on_peek = other_lets_go
+    h.flights.on_lead = other_answers_on_second_lead
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.FALSE, Source.CACHE)
     assert h.crm.calls == []
+    assert len(h.flights.leads) == 2
     assert h.flights.locks == {}
     assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 0
+
+
+async def test_a_cached_answer_the_node_no_longer_accepts_is_a_miss_and_overwritten() -> None:
+    """`lead` returning an answer the node's config now refuses is a miss: the CRM is asked
+    (without the lock, as the answer blocks it) and its answer overwrites the old one after
+    the reply."""
+    h = harness(flights=True, nodes=[make_node(allowed_destination_types={1})])
+    assert h.flights is not None
+    await h.cache.put("1", "12345", destination(5, 1), 60)
+    reply = await h.ask()
+    assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
+    await h.resolver.close()
+    assert h.cache.puts[-1] == ("1", "12345", TRUE, 300.0)
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 0
 
 
 async def test_lock_backend_failure_fails_open_and_counts_as_a_cache_error() -> None:
-    """When the lock cannot be taken (Redis down), the CRM is asked anyway, and it counts."""
+    """When `lead` fails (Redis down) the request's lookup is an error (not also a miss), and
+    the CRM is asked anyway; its answer is put after the reply."""
     h = harness(flights=True)
     assert h.flights is not None
     h.flights.broken = True
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     assert len(h.crm.calls) == 1
-    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 0
     assert h.sample("callerid_cache_lookups_total", node="gold", result="error") == 1
+    await h.resolver.close()
+    assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
+    assert h.flights.settled == []
 
 
 async def test_backend_failure_while_waiting_fails_open() -> None:
-    """Redis failing while waiting on another holder: stop waiting and ask the CRM."""
+    """Redis failing while waiting on another holder: stop waiting and ask the CRM; the
+    request counts its lookup (a miss) and the failed round trip (an error)."""
     h = harness(flights=True)
     assert h.flights is not None
     h.flights.hold("1", "12345", ttl=30)
@@ -576,11 +801,13 @@ async def test_backend_failure_while_waiting_fails_open() -> None:
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     assert len(h.crm.calls) == 1
+    assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="error") == 1
 
 
 async def test_stopping_mid_call_still_releases_the_lock() -> None:
-    """close() cancels a lock holder's CRM call; the lock is given back, not left to expire."""
+    """close() cancels a lock holder's CRM call; the lock is given back (storing nothing),
+    not left to expire, before close() returns."""
     h = harness(flights=True)
     assert h.flights is not None
     h.crm.hold()
@@ -589,7 +816,7 @@ async def test_stopping_mid_call_still_releases_the_lock() -> None:
     await h.resolver.close()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(h.flights.released) == 1
+    assert [(answer, ttl) for _, answer, ttl in h.flights.settled] == [(None, 0.0)]
     assert h.flights.locks == {}
 
 

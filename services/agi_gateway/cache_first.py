@@ -25,7 +25,7 @@ from collections.abc import Callable
 from prometheus_client import Counter
 
 from crm_resolver.ports import Cache, CacheMiss, CrmAnswer
-from crm_resolver.resolver import _judge as judge
+from crm_resolver.resolver import judge
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import Source

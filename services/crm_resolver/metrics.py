@@ -45,7 +45,8 @@ class ResolverMetrics:
         )
         self.merged = Counter(
             "callerid_crm_lookups_merged_total",
-            "Lookups that joined an identical CRM call already in flight.",
+            "Requests answered by another caller's CRM call: joined in this process, or taken "
+            "from another resolver through the cache.",
             ["node"],
             registry=registry,
         )

@@ -133,23 +133,27 @@ class Lease:
 class FlightLock(Protocol):
     """Merges identical lookups across resolver processes (DESIGN §7): one asks the CRM, the
     others wait for its answer in the cache. In-process merging is `SingleFlight`'s job; this
-    is only consulted after a cache miss, by the one in-process call per (node, customer id).
+    is consulted by the one in-process call per (node, customer id), instead of a separate
+    cache read: `lead` is the read.
 
     Answers are read from the cache's own entries, so an adapter implementing this is the
     adapter of the shared cache: the cached answer and the lock are read in one atomic step,
-    and a lease is granted only while no answer is cached.
+    a lease is granted only while no answer is cached, and `settle` stores the answer and
+    drops the lock in one atomic step (so "no answer and no lock" means the holder let go
+    without an answer).
     """
 
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
-        """Take the lock for `ttl` seconds, or say why not: the answer is already cached, the
-        lock is HELD by someone else, or ERROR (never FREE). Never raises."""
+        """The cached answer if there is one; else take the lock for `ttl` seconds, or say why
+        not: the lock is HELD by someone else, or ERROR (never FREE). Never raises."""
         ...
 
     async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
         """The cached answer, or whether the lock is still HELD (or FREE, or ERROR)."""
         ...
 
-    async def release(self, lease: Lease) -> None:
-        """Give the lock back if it is still this lease's (not after it expired and was taken
-        by another); failures are counted, not raised: the lock then expires by itself."""
+    async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
+        """Store `answer` for `ttl` seconds (when given and `ttl` > 0), then give the lock back
+        if it is still this lease's (not after it expired and was taken by another), both at
+        once. Failures are counted, not raised: the lock then expires by itself."""
         ...

@@ -14,11 +14,13 @@ Values: compact JSON, {"v":"true"}, {"v":"false"} or {"v":"destination","t":1,"i
 Failing open: the cache is an optimisation, so a slow or dead Redis must cost a call a few
 milliseconds at most, never the call. The client built by `from_url` has millisecond socket
 and connect timeouts, no retries (redis-py's default retries with backoff and its 5 s
-timeouts do not apply) and no health-check pings. Reads and writes are one round trip
-(GET; SET PX). Any failure — timeout, refused connection, pool exhausted, unreadable value —
-makes `fetch` return `CacheMiss.ERROR` (`get` returns None) and `put` do nothing; each one
-calls `on_error` and counts in `errors`, and a warning is logged at most once per
-`log_every` seconds with the number of failures since the last one.
+timeouts do not apply) and no health-check pings. Every call below is one round trip: `fetch`
+is a GET, `put` a SET PX, the flight lock's calls one script or MGET each (EVALSHA; the first
+call of a script on a Redis that does not have it yet adds a SCRIPT LOAD). Any failure —
+timeout, refused connection, pool exhausted, unreadable value — makes `fetch` return
+`CacheMiss.ERROR` and `put` do nothing; each one calls `on_error` and counts in `errors`, and
+a warning is logged at most once per `log_every` seconds with the number of failures since
+the last one.
 
 Flight lock (DESIGN §7, identical lookups merged across resolver processes): the cache also
 implements `ports.FlightLock`, because the lock is only sound when read together with the
@@ -26,12 +28,16 @@ answer it guards. Lock keys are f"{flight_prefix}{node_id}:{digest}", the same d
 answer's key, the value a random token, set with PX (the holder's budget, so a killed holder
 blocks others at most that long).
 - `lead` is one Lua script, one round trip: the cached answer if there is one, else SET NX PX
-  of the lock. So a lease is never granted after the answer was stored: a resolver whose GET
-  missed just before another stored the answer gets the answer, not a second CRM call.
-- `peek` is one MGET of (answer, lock): atomic, so "no answer and no lock" really means the
-  holder let go without storing an answer (the holder stores before it releases).
-- `release` is a compare-and-delete script: a lease that outlived its PX cannot delete the
-  lock a later holder took.
+  of the lock. It is the resolver's cache read too (it does no GET before it), so a hit costs
+  one round trip, and a lease is never granted after the answer was stored.
+- `settle` is one Lua script, one round trip: SET PX of the answer (when there is one to
+  cache; even for a lease that expired, as it is a real CRM answer), then the
+  compare-and-delete of the lock, so a lease that outlived its PX cannot delete the lock a
+  later holder took. A miss answered by the CRM thus costs two round trips (lead, settle);
+  the resolver runs `settle` after its reply. If it fails, nothing is stored and the lock
+  expires by itself.
+- `peek` is one MGET of (answer, lock): atomic, and `settle` stores and releases atomically,
+  so "no answer and no lock" really means the holder let go without storing an answer.
 The two keys of one lookup are different keys: on Redis Cluster they would need a hash tag;
 this deployment runs one Redis (or a primary with replicas), where scripts may touch both.
 Failures fail open like the cache's (Flight.ERROR, counted in `errors`).
@@ -82,9 +88,11 @@ if answer then return answer end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
-# KEYS: lock. ARGV: token. Deletes the lock only if it is still this token's.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+# KEYS: answer, lock. ARGV: token, answer value ('' for none), answer PX. Stores the answer
+# (if any), then deletes the lock only if it is still this token's.
+_SETTLE = """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return redis.call('DEL', KEYS[2]) end
 return 0
 """
 
@@ -112,7 +120,7 @@ class RedisCache:
         self._prefix = key_prefix
         self._flight_prefix = flight_prefix
         self._lead = client.register_script(_LEAD)
-        self._release = client.register_script(_RELEASE)
+        self._settle = client.register_script(_SETTLE)
         self._hasher = hashlib.sha256(pepper.encode())
         self._log_every = log_every
         self._clock = clock
@@ -217,13 +225,20 @@ class RedisCache:
             self._failed("flight lock", exc)
             return Flight.ERROR
 
-    async def release(self, lease: Lease) -> None:
+    async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
+        digest = self._digest(lease.customer_id)
+        ttl_ms = int(ttl * 1000)
+        value = _encode(answer) if answer is not None and ttl_ms > 0 else b""
         try:
-            await self._release(
-                keys=[self.flight_key(lease.node_id, lease.customer_id)], args=[lease.token]
+            await self._settle(
+                keys=[
+                    f"{self._prefix}{lease.node_id}:{digest}",
+                    f"{self._flight_prefix}{lease.node_id}:{digest}",
+                ],
+                args=[lease.token, value, ttl_ms],
             )
         except _FAILURES as exc:
-            self._failed("flight lock release", exc)
+            self._failed("write and flight lock release", exc)
 
     async def purge(self, node_id: str, customer_id: str | None = None) -> int:
         """Delete one customer's entry, or every entry of a node; return how many went."""

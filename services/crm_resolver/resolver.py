@@ -22,42 +22,60 @@ Rules chosen here, beyond the design's words:
 - Caching: true and destination answers for node.cache_ttl_positive, false for
   node.cache_ttl_negative, each with jitter (±10 % by default) so entries written together
   do not expire together; a TTL of 0 disables that kind; a node with both at 0 does not read
-  the cache either. Errors are never cached. The answer is stored before the shared call
-  ends, so a lookup arriving after it finds the cache.
-- Across resolver processes (with a `FlightLock`, i.e. a shared Redis cache), the one
-  in-process call for a (node, customer id) that missed the cache takes the lookup's lock
-  before asking the CRM, for the time left to its deadline plus LOCK_MARGIN (so a holder that
-  was killed blocks the others at most that long). If another process holds it, this one
-  polls (every `flight_poll` s) for that process's answer in the cache and replies from it
-  (source `cache`, counted as merged); if the lock goes away without an answer (the holder's
-  call failed — errors are never cached — or its answer is of a kind not cached, or it
-  died), it tries to take the lock again and, holding it, asks the CRM itself: one process
-  at a time asks, and each at most once per in-process call. At its deadline it gives up
-  with `crm_timeout`. A lock backend failure fails open: the CRM is asked without the lock,
-  and the failure counts as a cache error. Only cache misses of nodes that cache
-  (a TTL > 0) touch the lock; cache hits cost what they did.
+  the cache either. Errors are never cached. A cached answer the node no longer accepts (its
+  config changed) is a miss, asked again and overwritten.
+- Without a `FlightLock` (this process alone on its cache: embedded mode, memory cache) a
+  request reads the cache, and on a miss joins the in-process shared call, which stores the
+  answer before it ends, so a lookup arriving after it finds the cache.
+- With a `FlightLock` (a shared Redis cache, several resolver processes), a request of a node
+  that caches does no separate cache read: its in-process shared call starts with `lead`,
+  which in one round trip returns the cached answer (a hit) or, on a miss, takes the lookup's
+  lock for the time left to the deadline plus LOCK_MARGIN (so a holder that was killed blocks
+  the others at most that long). Identical requests in flight at once share that one round
+  trip, hit or miss. Holding the lock, it asks the CRM and replies; storing the answer (if it
+  is cached) and releasing the lock are one round trip (`settle`) run after the reply, in a
+  task this resolver tracks and `close()` waits for (at most `close_timeout`). Errors release
+  the lock the same way, storing nothing. So a hit costs one round trip, a miss two, and the
+  reply waits for one. A lookup arriving between the reply and the `settle` finds the lock
+  held and takes the answer by polling, below.
+  If another process holds the lock, this one polls (every `flight_poll` s) for that
+  process's answer in the cache and replies from it (source `cache`, counted as merged); if
+  the lock goes away without an answer (the holder's call failed — errors are never cached —
+  or its answer is of a kind not cached, or it died), it tries to take the lock again and,
+  holding it, asks the CRM itself: one process at a time asks, and each at most once per
+  in-process call. At its deadline it gives up with `crm_timeout`. A lock backend failure
+  fails open: the CRM is asked without the lock (its answer stored after the reply, with a
+  plain `put`).
 - A caller never waits past its own deadline: one that joined a shared call started by a
   caller with a later deadline gives up at its own with `crm_timeout` (the shared call goes
   on for the others and still fills the cache).
 - Unknown nodes are counted under the node label UNKNOWN_NODE: the id in the message
   is not a bounded label value.
 
-Metrics, per node name: requests{verdict} once per reply; cache_lookups{hit|miss|error} per
-cache read, and error per failed flight-lock round trip; crm_requests{result} and
+Metrics, per node name: requests{verdict} once per reply; cache_lookups{hit|miss|error} once
+per request of a node that caches, with the result of the cache read that served it (its own
+`fetch`, or its shared call's first `lead`, whose ERROR is a lookup error; a request that
+gives up at its deadline before that shared call ends counts a miss), plus an error per
+later failed flight-lock round trip (a `peek` or a renewed `lead`); crm_requests{result} and
 crm_duration per HTTP attempt (result is the verdict or the error code; a call refused by
-the open breaker counts as `crm_circuit_open` with no duration); merged per caller that
-joined a shared call, in this process or another; expired; circuit_state from breaker
-state changes (an open breaker whose wait is over shows half_open when next asked).
+the open breaker counts as `crm_circuit_open` with no duration); merged per request not
+answered by a cache hit that got another caller's CRM answer or error, by joining this
+process's shared call or from another process through the cache; expired; circuit_state
+from breaker state changes (an open breaker whose wait is over shows half_open when next
+asked). A cache hit is never merged, even when its lookup was shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -96,34 +114,52 @@ LOCK_MARGIN = 0.1
 FLIGHT_POLL = 0.01
 """Seconds between looks at the cache while another process asks the CRM."""
 
+CLOSE_TIMEOUT = 1.0
+"""Seconds `close()` waits for cache writes still running after their replies. Each is one
+Redis round trip bounded by the client's own timeout; this only bounds a broken client."""
+
 
 def jitter_ttl(ttl: float) -> float:
     """The default TTL jitter: uniformly within ±TTL_JITTER of `ttl`."""
     return ttl * random.uniform(1 - TTL_JITTER, 1 + TTL_JITTER)
 
 
+class _Lookup(Enum):
+    """What a request's cache read found; the value is the `cache_lookups` result label."""
+
+    HIT = "hit"
+    MISS = CacheMiss.MISS.value
+    ERROR = CacheMiss.ERROR.value
+
+
 @dataclass(frozen=True, slots=True)
 class _Resolution:
     """What a shared lookup produced: an acceptable answer or an error code, and where the
-    answer came from (another process's CRM call is answered from the cache)."""
+    answer came from (a hit, or another process's CRM call, is answered from the cache).
+
+    `ttl`: how long the answer is to be cached (jitter applied; 0 when it is not). `lookup`:
+    what the shared call's cache read found, for its callers to count (None when the callers
+    read the cache themselves, or it was never read).
+    """
 
     answer: CrmAnswer | None
     error: ErrorCode | None
     crm_ms: float | None
     source: Source = Source.CRM
+    ttl: float = 0.0
+    lookup: _Lookup | None = None
 
 
 class _NodeMeters:
     """A node's metric children, looked up once: label lookups are not free on a hot path."""
 
-    __slots__ = ("_crm", "_name", "duration", "expired", "hit", "merged", "miss", "requests")
+    __slots__ = ("_crm", "_name", "duration", "expired", "lookups", "merged", "requests")
 
     def __init__(self, metrics: ResolverMetrics, name: str) -> None:
         self._name = name
         self._crm = metrics.crm_requests
         self.requests = {v: metrics.requests.labels(name, v.value) for v in Verdict}
-        self.hit = metrics.cache_lookups.labels(name, "hit")
-        self.miss = {m: metrics.cache_lookups.labels(name, m.value) for m in CacheMiss}
+        self.lookups = {k: metrics.cache_lookups.labels(name, k.value) for k in _Lookup}
         self.expired = metrics.expired.labels(name)
         self.merged = metrics.merged.labels(name)
         self.duration: Histogram = metrics.crm_duration.labels(name)
@@ -148,6 +184,7 @@ class Resolver:
         jitter: Callable[[float], float] | None = None,
         flights: FlightLock | None = None,
         flight_poll: float = FLIGHT_POLL,
+        close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         self._nodes = nodes
         self._crm = crm
@@ -164,6 +201,9 @@ class Resolver:
         self._flight_lock = flights
         self._flight_poll = flight_poll
         self._flights: SingleFlight[tuple[str, str], _Resolution] = SingleFlight()
+        # Cache writes running after their replies; strong references until they end.
+        self._after: set[asyncio.Task[None]] = set()
+        self._close_timeout = close_timeout
         self._meters: dict[str, _NodeMeters] = {}
 
     async def __call__(self, request: IdentifyRequest) -> IdentifyReply:
@@ -183,8 +223,18 @@ class Resolver:
         return reply
 
     async def close(self) -> None:
-        """Cancel shared CRM calls nobody waits for any more (call after the last request)."""
+        """Cancel shared CRM calls nobody waits for any more, then wait (at most
+        `close_timeout`) for the cache writes still running after their replies, which
+        include the lock releases of the cancelled calls. Call after the last request."""
         await self._flights.close()
+        if not self._after:
+            return
+        _, pending = await asyncio.wait(set(self._after), timeout=self._close_timeout)
+        if pending:
+            log.warning("%d cache writes unfinished at close: cancelled", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
 
     async def _resolve(
         self, request: IdentifyRequest, node: NodeConfig | None, meters: _NodeMeters
@@ -198,13 +248,17 @@ class Resolver:
             return IdentifyReply.failure(request.request_id, ErrorCode.EXPIRED)
 
         customer_id = request.customer_id
-        if node.cache_ttl_positive > 0 or node.cache_ttl_negative > 0:
-            found = await self._cache.fetch(node.id, customer_id)
-            # A cached answer the node no longer accepts (its config changed) is a miss.
-            if isinstance(found, CrmAnswer) and _judge(node, found) is None:
-                meters.hit.inc()
-                return _answer_reply(request.request_id, found, Source.CACHE, None)
-            meters.miss[found if isinstance(found, CacheMiss) else CacheMiss.MISS].inc()
+        # With a flight lock the shared call reads the cache (`lead`); without, the request.
+        shared_read = False
+        if _caches(node):
+            if self._flight_lock is not None:
+                shared_read = True
+            else:
+                found = await self._cache.fetch(node.id, customer_id)
+                if isinstance(found, CrmAnswer) and judge(node, found) is None:
+                    meters.lookups[_Lookup.HIT].inc()
+                    return _answer_reply(request.request_id, found, Source.CACHE, None)
+                meters.lookups[_Lookup.ERROR if found is CacheMiss.ERROR else _Lookup.MISS].inc()
 
         context = CallContext(request.caller_number, request.call_id)
         try:
@@ -214,8 +268,15 @@ class Resolver:
                     lambda: self._ask_crm(node, customer_id, deadline, context, meters),
                 )
         except TimeoutError:
+            if shared_read:
+                meters.lookups[_Lookup.MISS].inc()
             return IdentifyReply.failure(request.request_id, ErrorCode.CRM_TIMEOUT)
-        if joined:
+        lookup = resolution.lookup
+        if lookup is not None:
+            meters.lookups[lookup].inc()
+        # Another caller's CRM answer or error: through this process's shared call, or from
+        # the cache without being a hit (another process asked).
+        if lookup is not _Lookup.HIT and (joined or resolution.source is Source.CACHE):
             meters.merged.inc()
         if resolution.answer is not None:
             return _answer_reply(
@@ -236,9 +297,12 @@ class Resolver:
         # and every caller gets `internal`.
         try:
             lock = self._flight_lock
-            if lock is None or (node.cache_ttl_positive <= 0 and node.cache_ttl_negative <= 0):
-                return await self._attempts(node, customer_id, deadline, context, meters)
-            return await self._coordinated(lock, node, customer_id, deadline, context, meters)
+            if lock is not None and _caches(node):
+                return await self._coordinated(lock, node, customer_id, deadline, context, meters)
+            resolution = await self._attempts(node, customer_id, deadline, context, meters)
+            if resolution.answer is not None and resolution.ttl > 0:
+                await self._cache.put(node.id, customer_id, resolution.answer, resolution.ttl)
+            return resolution
         except Exception:
             log.exception("internal error asking the CRM of node %r", node.name)
             return _Resolution(None, ErrorCode.INTERNAL, None)
@@ -252,38 +316,86 @@ class Resolver:
         context: CallContext,
         meters: _NodeMeters,
     ) -> _Resolution:
-        """Ask the CRM only while holding the lookup's lock; else take the holder's answer."""
+        """Resolve through the flight lock: `lead` is the cache read and, on a miss, takes
+        the lock; the resolution's `lookup` is what that read found."""
+        claim = await lock.lead(node.id, customer_id, deadline - self._clock() + LOCK_MARGIN)
+        if isinstance(claim, CrmAnswer) and judge(node, claim) is None:
+            return _Resolution(claim, None, None, Source.CACHE, lookup=_Lookup.HIT)
+        resolution = await self._contend(lock, claim, node, customer_id, deadline, context, meters)
+        lookup = _Lookup.ERROR if claim is Flight.ERROR else _Lookup.MISS
+        return dataclasses.replace(resolution, lookup=lookup)
+
+    async def _contend(
+        self,
+        lock: FlightLock,
+        claim: Lease | CrmAnswer | Flight,
+        node: NodeConfig,
+        customer_id: str,
+        deadline: float,
+        context: CallContext,
+        meters: _NodeMeters,
+    ) -> _Resolution:
+        """Act on what `lead` said (anything but an acceptable answer), until resolved."""
         clock = self._clock
         while True:
+            if isinstance(claim, Lease):
+                return await self._holding(
+                    lock, claim, node, customer_id, deadline, context, meters
+                )
+            seen: CrmAnswer | Flight | _Resolution = claim
+            if claim is Flight.HELD:
+                seen = await self._await_holder(lock, node, customer_id, deadline, meters)
+            if isinstance(seen, _Resolution):
+                return seen
+            if isinstance(seen, CrmAnswer) and judge(node, seen) is None:
+                return _Resolution(seen, None, None, Source.CACHE)
+            if seen is not Flight.FREE:
+                # The lock backend failed (counted where it was seen), or the cached answer is
+                # one the node no longer accepts: ask without the lock (and overwrite it).
+                resolution = await self._attempts(node, customer_id, deadline, context, meters)
+                if resolution.answer is not None and resolution.ttl > 0:
+                    self._after_reply(
+                        self._cache.put(node.id, customer_id, resolution.answer, resolution.ttl)
+                    )
+                return resolution
+            # FREE: the holder let go without an answer; take the lock and ask ourselves.
             left = deadline - clock()
             if left <= 0:
                 return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
             claim = await lock.lead(node.id, customer_id, left + LOCK_MARGIN)
-            if isinstance(claim, Lease):
-                try:
-                    return await self._attempts(node, customer_id, deadline, context, meters)
-                finally:
-                    # After the answer is stored (in _attempts): a waiter that sees the lock
-                    # gone without an answer knows there is none to wait for.
-                    await lock.release(claim)
-            seen: CrmAnswer | Flight | _Resolution = claim
-            if claim is Flight.HELD:
-                seen = await self._await_holder(lock, node, customer_id, deadline)
-            if isinstance(seen, _Resolution):
-                return seen
-            if isinstance(seen, CrmAnswer):
-                if _judge(node, seen) is None:
-                    meters.merged.inc()
-                    return _Resolution(seen, None, None, Source.CACHE)
-                # A stale answer the node no longer accepts: ask, and overwrite it.
-                return await self._attempts(node, customer_id, deadline, context, meters)
-            if seen is Flight.ERROR:
-                meters.miss[CacheMiss.ERROR].inc()
-                return await self._attempts(node, customer_id, deadline, context, meters)
-            # FREE: the holder let go without an answer; take the lock and ask ourselves.
+            if claim is Flight.ERROR:
+                meters.lookups[_Lookup.ERROR].inc()
+
+    async def _holding(
+        self,
+        lock: FlightLock,
+        lease: Lease,
+        node: NodeConfig,
+        customer_id: str,
+        deadline: float,
+        context: CallContext,
+        meters: _NodeMeters,
+    ) -> _Resolution:
+        """Ask the CRM under `lease`; store and release after the reply, however it ends."""
+        answer, ttl = None, 0.0
+        try:
+            resolution = await self._attempts(node, customer_id, deadline, context, meters)
+            if resolution.ttl > 0:
+                answer, ttl = resolution.answer, resolution.ttl
+            return resolution
+        finally:
+            # Store and release in one atomic round trip: a waiter that sees the lock gone
+            # without an answer knows there is none to wait for. Also on an error or when
+            # cancelled (close()): the lock is given back, not left to expire.
+            self._after_reply(lock.settle(lease, answer, ttl))
 
     async def _await_holder(
-        self, lock: FlightLock, node: NodeConfig, customer_id: str, deadline: float
+        self,
+        lock: FlightLock,
+        node: NodeConfig,
+        customer_id: str,
+        deadline: float,
+        meters: _NodeMeters,
     ) -> CrmAnswer | Flight | _Resolution:
         """The holder's answer, FREE or ERROR; a crm_timeout resolution at the deadline."""
         clock = self._clock
@@ -293,8 +405,22 @@ class Resolver:
                 return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
             await asyncio.sleep(min(self._flight_poll, left))
             seen = await lock.peek(node.id, customer_id)
+            if seen is Flight.ERROR:
+                meters.lookups[_Lookup.ERROR].inc()
             if seen is not Flight.HELD:
                 return seen
+
+    def _after_reply(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a cache write in the background: the replies sharing the call do not wait."""
+        task = asyncio.create_task(work)
+        self._after.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._after.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The adapters fail open, so this is a bug; it must not go unnoticed, nor escape.
+            log.error("cache write after a reply failed", exc_info=exc)
 
     async def _attempts(
         self,
@@ -343,14 +469,13 @@ class Resolver:
             spent += took
             meters.duration.observe(took)
             breaker.record_success()
-            error = _judge(node, answer)
+            error = judge(node, answer)
             meters.crm(answer.verdict.value if error is None else error.value).inc()
             if error is not None:
                 return _Resolution(None, error, spent * 1000)
             ttl = node.cache_ttl_positive if answer.positive else node.cache_ttl_negative
-            if ttl > 0:
-                await self._cache.put(node.id, customer_id, answer, self._jitter(ttl))
-            return _Resolution(answer, None, spent * 1000)
+            ttl = self._jitter(ttl) if ttl > 0 else 0.0
+            return _Resolution(answer, None, spent * 1000, ttl=ttl)
 
     def _meters_for(self, name: str) -> _NodeMeters:
         meters = self._meters.get(name)
@@ -365,6 +490,10 @@ class Resolver:
                 self._metrics.circuit_state.labels(node.name).set(value)
 
 
+def _caches(node: NodeConfig) -> bool:
+    return node.cache_ttl_positive > 0 or node.cache_ttl_negative > 0
+
+
 def _is_outage(err: CrmError) -> bool:
     """Errors that say the CRM is down or overloaded: they trip the breaker and may retry."""
     if isinstance(err, CrmHttpStatus):
@@ -372,7 +501,7 @@ def _is_outage(err: CrmError) -> bool:
     return isinstance(err, CrmTimeout | CrmUnreachable)
 
 
-def _judge(node: NodeConfig, answer: CrmAnswer) -> ErrorCode | None:
+def judge(node: NodeConfig, answer: CrmAnswer) -> ErrorCode | None:
     """Why the node cannot use this answer, or None when it can."""
     if answer.destination is None:
         return None
