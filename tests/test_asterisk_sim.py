@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agi_gateway.commands import (
     Answer,
@@ -20,6 +22,7 @@ from agi_gateway.commands import (
     Command,
     Exec,
     GetData,
+    MultiSet,
     SetMusic,
     SetVariable,
     StreamFile,
@@ -37,6 +40,10 @@ from tools.asterisk_sim import (
     CallResult,
     CallScript,
     SimulatedChannel,
+    _app_separate_args_by_char,
+    _Call,
+    _parse_args_by_char,
+    app_separate_args,
     environment_writes,
     main,
     parse_args,
@@ -180,6 +187,90 @@ async def test_identified_call_records_variables_and_continues_at_the_goto_targe
     assert result.last_digit_at is not None
     assert result.decided_at is not None
     assert result.decided_at >= result.last_digit_at
+
+
+async def test_mset_sets_every_pair_in_order_and_answers_once() -> None:
+    """EXEC MSet, as the gateway sends its decision: one `200 result=0`, every pair set with
+    its name as written (the `__` inheritance prefix kept, as for SET VARIABLE), an empty
+    value set as empty, and the decision time taken when OML_IDENT_OUTCOME is set."""
+    decision = MultiSet(
+        [
+            ("__OML_CUSTOMER_ID", "12345"),
+            ("__OMLCODCLI", "12345"),
+            ("OML_DEST_TYPE", ""),
+            ("OML_DEST_ID", ""),
+            ("OML_IDENT_SOURCE", "local"),
+            ("OML_IDENT_OUTCOME", "hangup"),
+        ]
+    )
+
+    async def scenario(gw: FakeGateway) -> list[str]:
+        await gw.environment()
+        return [(await gw.run(decision)).text, (await gw.run(Exec("Goto", "c,e,1"))).text]
+
+    async with fake_gateway(scenario) as served:
+        result = await run_call("127.0.0.1", served.port, CallScript(), timeout=WAIT)
+        texts = await asyncio.wait_for(served.done, WAIT)
+    assert texts == ["200 result=0", "200 result=0"]
+    assert list(result.variables.items()) == list(decision.pairs)
+    assert result.decided_at is not None
+    assert result.protocol_errors == []
+    assert (result.context, result.extension, result.priority) == ("c", "e", 1)
+
+
+def test_mset_splits_its_argument_as_asterisk_does() -> None:
+    """Quotes are removed, a backslash keeps the next character, parentheses group, a value
+    keeps every `=` after the first, and a part with no `=` is ignored (and recorded)."""
+    channel = SimulatedChannel(CallScript())
+    line = b'EXEC MSet "A=\\"quoted\\",B=x=y,C,D=(1,2),E=a\\\\,b,_F=\\"\\""'
+    assert channel.handle(line) == "200 result=0"
+    assert channel.variables == {"A": "quoted", "B": "x=y", "D": "(1,2)", "E": "a,b", "_F": ""}
+    assert channel.protocol_errors == ["MSet ignores 'C': no '='"]
+    assert channel.decided_at is None
+
+
+def test_mset_warnings_are_protocol_errors_and_its_99th_part_takes_the_rest() -> None:
+    """An empty MSet sets nothing; past 99 pairs the 99th value swallows the rest, as in
+    Asterisk; both are what a gateway must never send, so they are recorded."""
+    channel = SimulatedChannel(CallScript())
+    assert channel.handle(b'EXEC MSet ""') == "200 result=0"
+    many = ",".join(f"V{index}={index}" for index in range(100))
+    assert channel.handle(f'EXEC MSet "{many}"'.encode()) == "200 result=0"
+    assert channel.variables["V97"] == "97"
+    assert channel.variables["V98"] == "98,V99=99"
+    assert "V99" not in channel.variables
+    assert len(channel.protocol_errors) == 2
+    assert "without a name=value pair" in channel.protocol_errors[0]
+    assert "over 99 pairs" in channel.protocol_errors[1]
+
+
+@pytest.mark.parametrize(
+    ("data", "delim", "limit", "parts"),
+    [
+        ("a,b", ",", 99, ["a", "b"]),
+        ("a,", ",", 99, ["a", ""]),
+        (",", ",", 99, ["", ""]),
+        ("", ",", 99, []),
+        ('"a,b",c', ",", 99, ["a,b", "c"]),
+        ("f(a,b),c", ",", 99, ["f(a,b)", "c"]),
+        ("[a,b],c", ",", 99, ["[a,b]", "c"]),
+        ("a\\,b", ",", 99, ["a,b"]),
+        ('a\\"b', ",", 99, ['a"b']),
+        ("a,b,c", ",", 2, ["a", "b,c"]),
+        ('a,"b",\\c', ",", 2, ["a", '"b",\\c']),
+        ("x=y=z", "=", 2, ["x", "y=z"]),
+        ("N=", "=", 2, ["N", ""]),
+        ("N", "=", 2, ["N"]),
+        ('a"b"c=1', "=", 2, ["abc", "1"]),
+        ("F(a=b)=1", "=", 2, ["F(a=b)", "1"]),
+    ],
+)
+def test_app_separate_args_matches_asterisk(
+    data: str, delim: str, limit: int, parts: list[str]
+) -> None:
+    """__ast_app_separate_args with remove_chars: groups, removals, the limit, a trailing
+    delimiter."""
+    assert app_separate_args(data, delim, limit) == parts
 
 
 async def test_replies_match_asterisk() -> None:
@@ -461,6 +552,109 @@ def test_parse_args_matches_res_agi(line: str, argv: list[str], unbalanced: bool
     assert parse_args(line) == (argv, unbalanced)
 
 
+@settings(max_examples=300, deadline=None)
+@given(line=st.text(alphabet=st.sampled_from(' \t"\\abAB\r\u00e9'), max_size=30))
+def test_parse_args_shortcut_agrees_with_the_character_loop(line: str) -> None:
+    """parse_args takes a shortcut when there is no backslash; it agrees with res_agi's
+    character-by-character loop on every line."""
+    assert parse_args(line) == _parse_args_by_char(line)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.text(alphabet=st.sampled_from(',=ab ()[]"\\'), max_size=20),
+    delim=st.sampled_from(",="),
+    limit=st.integers(1, 5),
+)
+def test_app_separate_args_shortcut_agrees_with_the_character_loop(
+    data: str, delim: str, limit: int
+) -> None:
+    """With nothing that groups or escapes, app_separate_args is a plain split; it agrees
+    with Asterisk's character loop on every argument."""
+    assert app_separate_args(data, delim, limit) == _app_separate_args_by_char(data, delim, limit)
+
+
+def test_environment_bytes_are_exactly_asterisks() -> None:
+    """The environment, byte for byte, in its four writes (the last is the blank line, after
+    agi_arg_1 when the node travels as an argument)."""
+    script = CallScript(node="7", uniqueid="1700000000.42", caller_number="100", caller_name="")
+    writes = environment_writes(script, "10.0.0.1", 4573)
+    assert writes == [
+        b"agi_network: yes\nagi_network_script: identify/7\n"
+        b"agi_request: agi://10.0.0.1:4573/identify/7\n",
+        b"agi_channel: PJSIP/trunk-00000042\nagi_language: en\nagi_type: PJSIP\n"
+        b"agi_uniqueid: 1700000000.42\nagi_version: 22.1.0\nagi_callerid: 100\n"
+        b"agi_calleridname: \nagi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\n"
+        b"agi_callingtns: 0\nagi_dnid: unknown\nagi_rdnis: unknown\n",
+        b"agi_context: from-pstn\nagi_extension: s\nagi_priority: 1\nagi_enhanced: 0.0\n"
+        b"agi_accountcode: \nagi_threadid: 140234567890\n",
+        b"\n",
+    ]
+    in_arg = environment_writes(CallScript(node="7", node_in_arg=True), "h", 1)
+    assert in_arg[0].startswith(b"agi_network: yes\nagi_network_script: identify\n")
+    assert in_arg[3] == b"agi_arg_1: 7\n\n"
+
+
+class _HeldTransport(asyncio.Transport):
+    """A transport that records writes, and reading paused or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.reading = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+async def test_backpressure_holds_answers_and_reading_until_the_gateway_reads() -> None:
+    """Over the high-water mark nothing more is answered and reading stops (res_agi blocks
+    on its write); once resumed, the held commands are answered in order, one write each."""
+    channel = SimulatedChannel(CallScript())
+    call = _Call(channel, [b"\n"], asyncio.get_running_loop())
+    transport = _HeldTransport()
+    call.connection_made(transport)
+    assert transport.written == [b"\n"]
+    call.pause_writing()
+    assert not transport.reading
+    call.data_received(b"ANSWER\nCHANNEL STATUS\nNOOP")
+    assert transport.written == [b"\n"]
+    call.resume_writing()
+    assert transport.reading
+    assert transport.written == [b"\n", b"200 result=0\n", b"200 result=6\n"]
+    call.data_received(b"\n")
+    assert transport.written[-1] == b"200 result=0\n"
+    call.eof_received()
+    assert await call.finished is True
+    assert channel.protocol_errors == []
+
+
+async def test_overlong_and_unterminated_lines_are_recorded() -> None:
+    """A line that fills res_agi's 2048-byte buffer without a LF is an error (and dropped);
+    so is a partial line when the gateway closes."""
+    channel = SimulatedChannel(CallScript())
+    call = _Call(channel, [b"\n"], asyncio.get_running_loop())
+    call.connection_made(_HeldTransport())
+    call.data_received(b"x" * 2047)
+    assert channel.protocol_errors == []
+    call.data_received(b"x")
+    assert channel.protocol_errors == ["command line longer than 2048 bytes"]
+    call.data_received(b"NOOP\nANSW")
+    call.eof_received()
+    assert await call.finished is True
+    assert channel.commands == ["NOOP"]
+    assert channel.protocol_errors[1:] == ["unterminated command line at end of stream"]
+
+
 def test_dead_channel_is_refused_by_non_dead_safe_commands() -> None:
     """Once dead, the sans-I/O channel answers 511 except to dead-safe commands."""
     channel = SimulatedChannel(CallScript())
@@ -468,6 +662,8 @@ def test_dead_channel_is_refused_by_non_dead_safe_commands() -> None:
     assert channel.handle(b"ANSWER") == DEAD
     assert channel.handle(b"SET PRIORITY 3") == DEAD
     assert channel.handle(b'SET VARIABLE A "1"') == "200 result=1"
+    assert channel.handle(b'EXEC MSet "B=2,C=3"') == "200 result=0"
+    assert channel.variables == {"A": "1", "B": "2", "C": "3"}
     assert channel.handle(b"GET VARIABLE A") == "200 result=1 (1)"
     assert channel.handle(b'VERBOSE "x" 1') == "200 result=1"
     assert channel.handle(b"NOOP") == "200 result=0"
@@ -488,10 +684,8 @@ async def test_cli_places_calls_and_exits_zero_when_every_call_is_decided(
             decided = env["agi_network_script"] == "identify/1"
             await gw.run(GetData("p", 5000, 5))
             if decided:
-                await gw.run(SetVariable("OML_DEST_TYPE", "1"))
-                await gw.run(SetVariable("OML_DEST_ID", "3"))
-                await gw.run(SetVariable("OML_IDENT_SOURCE", "crm"))
-                await gw.run(SetVariable("OML_IDENT_OUTCOME", "identified"))
+                pairs = [("OML_DEST_TYPE", "1"), ("OML_DEST_ID", "3"), ("OML_IDENT_SOURCE", "crm")]
+                await gw.run(MultiSet([*pairs, ("OML_IDENT_OUTCOME", "identified")]))
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

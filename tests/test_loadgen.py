@@ -20,6 +20,7 @@ from tools.loadgen import (
     drive,
     latency_summary,
     parse_mix,
+    run_fast,
 )
 from tools.stats import percentile
 
@@ -196,10 +197,9 @@ async def _tiny_gateway(
     entered = reply.partition("result=")[2].split(" ")[0].strip()
     outcome = "identified" if entered.startswith("1") else "no_input"
     dest_type, _, dest_id = route.partition(",")
-    for name, value in (("OML_DEST_TYPE", dest_type), ("OML_DEST_ID", dest_id)):
-        writer.write(f'SET VARIABLE {name} "{value}"\n'.encode())
-        await reader.readline()
-    writer.write(f'SET VARIABLE OML_IDENT_OUTCOME "{outcome}"\n'.encode())
+    # The decision as the gateway writes it: one MSet, the outcome last.
+    pairs = f"OML_DEST_TYPE={dest_type},OML_DEST_ID={dest_id},OML_IDENT_OUTCOME={outcome}"
+    writer.write(f'EXEC MSet "{pairs}"\n'.encode())
     await reader.readline()
     writer.close()
 
@@ -217,6 +217,24 @@ async def test_agi_calls_are_measured_from_last_digit_to_decision() -> None:
     assert out["identifications"] == 20
     assert out["latency_ms"]["count"] == 20
     assert 0 < out["latency_ms"]["p50"] < 100
+
+
+def test_agi_calls_run_on_uvloop_as_the_command_line_runs_them() -> None:
+    """`main` runs on uvloop (run_fast), whose transports differ from asyncio's: the same
+    calls succeed there."""
+
+    async def run() -> dict[str, object]:
+        server = await asyncio.start_server(_tiny_gateway, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            call = agi_caller("127.0.0.1", port, timeout=5)
+            plan = LoadPlan(duration=0, concurrency=4, calls=20)
+            report = await drive(plan, Mix(parse_mix("crm_true=1")).next, call)
+        return report.to_json()
+
+    out = run_fast(run())
+    assert out["failures"] == {"total": 0}
+    assert out["identifications"] == 20
 
 
 async def test_agi_calls_with_a_wrong_route_are_failures() -> None:

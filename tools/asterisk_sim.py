@@ -8,6 +8,13 @@ The emulation is split like the gateway's own code: `SimulatedChannel` is the ch
 res_agi's command handling with no I/O (a command line in, reply text out); `run_call` does the
 socket, the timers and the script's hang-ups around it.
 
+The load generator runs this on the same cores as the gateway it measures, so the socket side
+is an `asyncio.Protocol`, not streams: the commands in each chunk that arrives are answered
+there and then, one `write` per reply as res_agi does, with no coroutine, drain or timeout per
+read. A call has one timeout (its deadline) and, in "lookup" mode, one timer for the hang-up.
+Backpressure is kept: while the transport's buffer is over its high-water mark, nothing more is
+answered or read (res_agi blocks on its write the same way).
+
 Asterisk behaviour reproduced here (from res_agi.c and pbx.c):
 - Arguments are split by `parse_args`: spaces and tabs separate, double quotes group, a
   backslash escapes. Only the trailing "\\n" is stripped, so a "\\r" ends up inside the last
@@ -18,6 +25,11 @@ Asterisk behaviour reproduced here (from res_agi.c and pbx.c):
 - `EXEC Goto` and `SET PRIORITY` go through ast_explicit_goto, which stores priority-1 while
   the channel runs in the dialplan; when AGI() returns, the pbx loop adds 1. SET CONTEXT and
   SET EXTENSION set the field directly. With no jump, the dialplan continues at priority+1.
+- `EXEC MSet "A=1,__B=2"` (pbx_builtin_setvar_multiple) splits its argument the way every
+  application's is split (`app_separate_args`: commas outside quotes, parentheses and
+  brackets; quotes and backslashes removed, a backslash keeping the next character), at most
+  99 parts, then each part on its first `=`, and sets the pairs in order, as SET VARIABLE does;
+  a part without `=` is ignored with a warning. It answers `200 result=0`.
 
 Anything the gateway sends that real Asterisk would reject or misread is recorded in
 `CallResult.protocol_errors`, so a test can assert there is none.
@@ -27,13 +39,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from tools.stats import percentile
 
@@ -41,7 +53,7 @@ HangupMode = Literal[None, "prompt", "lookup", "before_env_end"]
 
 OUTCOME_VARIABLE = "OML_IDENT_OUTCOME"
 AGI_BUF_LEN = 2048  # res_agi reads a command into a buffer this size
-_READ_CHUNK = 4096
+MSET_MAX_PARTS = 99  # pbx_builtin_setvar_multiple: AST_APP_ARG(pair)[99]
 STREAM_ENDPOS = 8000  # what a fully played 1 s prompt reports at 8 kHz
 
 DEAD_CHANNEL = "511 Command Not Permitted on a dead channel or intercept routine"
@@ -74,7 +86,7 @@ class CallScript:
 
 @dataclass
 class CallResult:
-    variables: dict[str, str]  # every SET VARIABLE applied (unquoted values), last wins
+    variables: dict[str, str]  # every variable set (SET VARIABLE, EXEC Set/MSet), last wins
     commands: list[str]  # every command line received, in order
     context: str  # where the dialplan continues after AGI() returns
     extension: str
@@ -82,13 +94,26 @@ class CallResult:
     hung_up: bool  # the simulated caller hung up
     closed_by_gateway: bool  # False if we gave up waiting for the gateway to close
     last_digit_at: float | None  # monotonic time the last GET DATA reply with digits was sent
-    decided_at: float | None  # monotonic time SET VARIABLE OML_IDENT_OUTCOME arrived
+    decided_at: float | None  # monotonic time OML_IDENT_OUTCOME was set (SET VARIABLE, MSet)
     protocol_errors: list[str]  # what real Asterisk would have rejected or misread
+
+
+# With no backslash in the line, parse_args reduces to this: a word is a run of characters
+# other than space and tab, where a double-quoted stretch (possibly left open) may hold them.
+_PLAIN_WORD = re.compile(r'(?:"[^"]*+"?|[^ \t"]++)++')
 
 
 def parse_args(line: str) -> tuple[list[str], bool]:
     """Split a command line as res_agi's parse_args does; also say if a quote or escape is
     left open (Asterisk accepts that silently, which is how injected text goes unnoticed)."""
+    if "\\" in line:
+        return _parse_args_by_char(line)
+    words = [word.replace('"', "") for word in _PLAIN_WORD.findall(line)]
+    return words, line.count('"') % 2 == 1
+
+
+def _parse_args_by_char(line: str) -> tuple[list[str], bool]:
+    """parse_args one character at a time, as res_agi.c does it (lines with a backslash)."""
     words: list[list[str]] = []
     quoted = escaped = False
     whitespace = True
@@ -113,6 +138,65 @@ def parse_args(line: str) -> tuple[list[str], bool]:
     return ["".join(word) for word in words], quoted or escaped
 
 
+def app_separate_args(data: str, delim: str, limit: int) -> list[str]:
+    """Split an application's argument as Asterisk's __ast_app_separate_args does with
+    remove_chars set (AST_STANDARD_APP_ARGS, AST_NONSTANDARD_APP_ARGS).
+
+    `delim` separates, except inside parentheses, brackets or double quotes; quotes are
+    removed; a backslash is removed and the character after it kept as it is. At most `limit`
+    parts: the last one takes the rest of the text unsplit and untouched. A delimiter at the
+    very end makes one more, empty, part.
+    """
+    if not _APP_ARG_SPECIAL.search(data):  # nothing groups or escapes: a plain split
+        return data.split(delim, limit - 1) if data else []
+    return _app_separate_args_by_char(data, delim, limit)
+
+
+_APP_ARG_SPECIAL = re.compile(r'[()\[\]"\\]')
+
+
+def _app_separate_args_by_char(data: str, delim: str, limit: int) -> list[str]:
+    """app_separate_args one character at a time, as Asterisk's C loop does it."""
+    parts: list[str] = []
+    index, end = 0, len(data)
+    paren = bracket = 0
+    quoted = ended_by_delim = False
+    while index < end and len(parts) < limit - 1:
+        part: list[str] = []
+        ended_by_delim = False
+        while index < end:
+            char = data[index]
+            index += 1
+            if char == "(":
+                paren += 1
+            elif char == ")":
+                paren -= 1 if paren else 0
+            elif char == "[":
+                bracket += 1
+            elif char == "]":
+                bracket -= 1 if bracket else 0
+            elif char == '"' and delim != '"':
+                quoted = not quoted
+                continue
+            elif char == "\\":
+                # Asterisk steps past the next character without looking at it; a backslash
+                # at the very end is simply dropped here (C reads past the string there).
+                if index < end:
+                    part.append(data[index])
+                    index += 1
+                continue
+            elif char == delim and not (paren or quoted or bracket):
+                ended_by_delim = True
+                break
+            part.append(char)
+        parts.append("".join(part))
+    if index < end:
+        parts.append(data[index:])
+    elif ended_by_delim:
+        parts.append("")
+    return parts
+
+
 def _usage(*lines: str) -> str:
     body = "".join(f"{line}\n" for line in lines)
     return f"520-Invalid command syntax.  Proper usage follows:\n{body}520 End of proper usage."
@@ -133,6 +217,7 @@ _USAGE = {
     "WAIT FOR DIGIT": _usage(" Usage: WAIT FOR DIGIT <timeout>"),
     "SET VARIABLE": _usage(" Usage: SET VARIABLE <variablename> <value>"),
     "GET VARIABLE": _usage(" Usage: GET VARIABLE <variablename>"),
+    "GET FULL VARIABLE": _usage(" Usage: GET FULL VARIABLE <variablename> [<channel name>]"),
     "EXEC": _usage(" Usage: EXEC <application> <options>"),
     "SET CONTEXT": _usage(" Usage: SET CONTEXT <desired context>"),
     "SET EXTENSION": _usage(" Usage: SET EXTENSION <new extension>"),
@@ -141,7 +226,17 @@ _USAGE = {
     "VERBOSE": _usage(" Usage: VERBOSE <message> <level>"),
 }
 
-_KNOWN_APPLICATIONS = {"goto", "noop", "set", "log", "verbose", "playback", "wait", "answer"}
+_KNOWN_APPLICATIONS = {
+    "goto",
+    "noop",
+    "set",
+    "mset",
+    "log",
+    "verbose",
+    "playback",
+    "wait",
+    "answer",
+}
 
 
 class SimulatedChannel:
@@ -194,7 +289,7 @@ class SimulatedChannel:
         words, method, dead_safe = handler
         if self.dead and not dead_safe:
             return DEAD_CHANNEL
-        reply = method(argv)
+        reply = method(self, argv)
         if reply is None:
             self._error(f"bad arguments: {line[:60]!r}")
             return _USAGE[words]
@@ -203,36 +298,20 @@ class SimulatedChannel:
     def _error(self, message: str) -> None:
         self.protocol_errors.append(message)
 
-    def _find(
-        self, argv: Sequence[str]
-    ) -> tuple[str, Callable[[Sequence[str]], str | None], bool] | None:
-        upper = [word.upper() for word in argv]
-        for words, (method, dead_safe) in self._table().items():
-            parts = words.split(" ")
-            if upper[: len(parts)] == parts:
-                return words, method, dead_safe
+    def _find(self, argv: Sequence[str]) -> _Handler | None:
+        """The first command whose words start argv (case-insensitively), as res_agi finds it."""
+        if not argv:
+            return None
+        for rest, handler in _COMMANDS.get(argv[0].upper(), ()):
+            if not rest or [word.upper() for word in argv[1 : len(rest) + 1]] == rest:
+                return handler
         return None
 
-    def _table(self) -> dict[str, tuple[Callable[[Sequence[str]], str | None], bool]]:
-        return {
-            "ANSWER": (self._answer, False),
-            "CHANNEL STATUS": (self._channel_status, False),
-            "GET DATA": (self._get_data, False),
-            "STREAM FILE": (self._stream_file, False),
-            "SAY DIGITS": (self._say_digits, False),
-            "WAIT FOR DIGIT": (self._wait_for_digit, False),
-            "SET VARIABLE": (self._set_variable, True),
-            "GET VARIABLE": (self._get_variable, True),
-            "GET FULL VARIABLE": (self._get_full_variable, True),
-            "EXEC": (self._exec, True),
-            "SET CONTEXT": (self._set_context, False),
-            "SET EXTENSION": (self._set_extension, False),
-            "SET PRIORITY": (self._set_priority, False),
-            "SET MUSIC": (self._set_music, False),
-            "VERBOSE": (self._verbose, True),
-            "NOOP": (lambda argv: "200 result=0", True),
-            "HANGUP": (self._hangup, False),
-        }
+    def _set(self, name: str, value: str) -> None:
+        """pbx_builtin_setvar_helper, as far as a test can see it: the name as written."""
+        self.variables[name] = value
+        if name == OUTCOME_VARIABLE:
+            self.decided_at = self._clock()
 
     # Each handler returns the reply, or None for res_agi's RESULT_SHOWUSAGE.
 
@@ -294,9 +373,7 @@ class SimulatedChannel:
     def _set_variable(self, argv: Sequence[str]) -> str | None:
         if len(argv) != 4:
             return None
-        self.variables[argv[2]] = argv[3]
-        if argv[2] == OUTCOME_VARIABLE:
-            self.decided_at = self._clock()
+        self._set(argv[2], argv[3])
         return "200 result=1"
 
     def _get_variable(self, argv: Sequence[str]) -> str | None:
@@ -329,8 +406,32 @@ class SimulatedChannel:
             name, sep, value = options.partition("=")
             if not sep:
                 return "200 result=-1"
-            self.variables[name] = value
+            self._set(name, value)
+        elif application == "mset":
+            self._mset(options)
         return "200 result=0"
+
+    def _mset(self, data: str) -> None:
+        """pbx_builtin_setvar_multiple; what Asterisk only warns about is recorded as an error."""
+        if not data:
+            self._error("MSet without a name=value pair: Asterisk sets nothing")
+            return
+        parts = app_separate_args(data, ",", MSET_MAX_PARTS)
+        if len(parts) == MSET_MAX_PARTS:
+            every = app_separate_args(data, ",", MSET_MAX_PARTS + 1)
+            if len(every) > MSET_MAX_PARTS:
+                self._error(f"MSet with over {MSET_MAX_PARTS} pairs: the last ones run together")
+        for part in parts:
+            pair = app_separate_args(part, "=", 2)
+            if len(pair) != 2:
+                self._error(f"MSet ignores {part[:40]!r}: no '='")
+                continue
+            name, value = pair
+            if not name or " " in name:
+                self._error(f"MSet with an unusable variable name {name[:40]!r}")
+                if not name:
+                    continue
+            self._set(name, value)
 
     def _goto(self, target: str) -> bool:
         """ast_parseable_goto: "[[context,]extension,]priority"; False if unusable."""
@@ -392,51 +493,91 @@ class SimulatedChannel:
     def _verbose(self, argv: Sequence[str]) -> str | None:
         return "200 result=1" if len(argv) >= 2 else None
 
+    def _noop(self, argv: Sequence[str]) -> str | None:
+        return "200 result=0"
+
     def _hangup(self, argv: Sequence[str]) -> str | None:
         # The gateway hangs the channel up itself: Asterisk then notices and sends HANGUP.
         self.hangup_after_reply = True
         return "200 result=1"
 
 
+# (words, handler, dead-safe): res_agi's command table, in the order it is searched.
+_Handler = tuple[str, Callable[[SimulatedChannel, Sequence[str]], str | None], bool]
+_COMMAND_TABLE: tuple[_Handler, ...] = (
+    ("ANSWER", SimulatedChannel._answer, False),
+    ("CHANNEL STATUS", SimulatedChannel._channel_status, False),
+    ("GET DATA", SimulatedChannel._get_data, False),
+    ("STREAM FILE", SimulatedChannel._stream_file, False),
+    ("SAY DIGITS", SimulatedChannel._say_digits, False),
+    ("WAIT FOR DIGIT", SimulatedChannel._wait_for_digit, False),
+    ("SET VARIABLE", SimulatedChannel._set_variable, True),
+    ("GET VARIABLE", SimulatedChannel._get_variable, True),
+    ("GET FULL VARIABLE", SimulatedChannel._get_full_variable, True),
+    ("EXEC", SimulatedChannel._exec, True),
+    ("SET CONTEXT", SimulatedChannel._set_context, False),
+    ("SET EXTENSION", SimulatedChannel._set_extension, False),
+    ("SET PRIORITY", SimulatedChannel._set_priority, False),
+    ("SET MUSIC", SimulatedChannel._set_music, False),
+    ("VERBOSE", SimulatedChannel._verbose, True),
+    ("NOOP", SimulatedChannel._noop, True),
+    ("HANGUP", SimulatedChannel._hangup, False),
+)
+
+
+def _index_commands() -> dict[str, tuple[tuple[list[str], _Handler], ...]]:
+    """By first word, the commands starting with it and the words they need after it."""
+    index: dict[str, list[tuple[list[str], _Handler]]] = {}
+    for handler in _COMMAND_TABLE:
+        first, *rest = handler[0].split(" ")
+        index.setdefault(first, []).append((rest, handler))
+    return {first: tuple(found) for first, found in index.items()}
+
+
+_COMMANDS = _index_commands()
+
+
 def environment_writes(script: CallScript, host: str, port: int) -> list[bytes]:
-    """The environment as Asterisk 22 writes it: network lines first, several writes."""
+    """The environment as Asterisk 22 writes it: network lines first, several writes.
+
+    Empty values keep the space after the colon, as Asterisk's "%s: %s\\n" writes them.
+    """
     script_path = "identify" if script.node_in_arg else f"identify/{script.node}"
-    network = [
-        ("agi_network", "yes"),
-        ("agi_network_script", script_path),
-        ("agi_request", f"agi://{host}:{port}/{script_path}"),
-    ]
-    channel = [
-        ("agi_channel", f"PJSIP/trunk-{script.uniqueid.replace('.', '')[-8:]}"),
-        ("agi_language", "en"),
-        ("agi_type", "PJSIP"),
-        ("agi_uniqueid", script.uniqueid),
-        ("agi_version", "22.1.0"),
-        ("agi_callerid", script.caller_number),
-        ("agi_calleridname", script.caller_name),
-        ("agi_callingpres", "0"),
-        ("agi_callingani2", "0"),
-        ("agi_callington", "0"),
-        ("agi_callingtns", "0"),
-        ("agi_dnid", "unknown"),
-        ("agi_rdnis", "unknown"),
-    ]
-    dialplan = [
-        ("agi_context", script.context),
-        ("agi_extension", script.extension),
-        ("agi_priority", str(script.priority)),
-        ("agi_enhanced", "0.0"),
-        ("agi_accountcode", ""),
-        ("agi_threadid", "140234567890"),
-    ]
-    arguments = [("agi_arg_1", script.node)] if script.node_in_arg else []
-    blocks = [network, channel, dialplan, arguments]
+    uniqueid = script.uniqueid
+    network = (
+        "agi_network: yes\n"
+        f"agi_network_script: {script_path}\n"
+        f"agi_request: agi://{host}:{port}/{script_path}\n"
+    )
+    channel = (
+        f"agi_channel: PJSIP/trunk-{uniqueid.replace('.', '')[-8:]}\n"
+        "agi_language: en\n"
+        "agi_type: PJSIP\n"
+        f"agi_uniqueid: {uniqueid}\n"
+        "agi_version: 22.1.0\n"
+        f"agi_callerid: {script.caller_number}\n"
+        f"agi_calleridname: {script.caller_name}\n"
+        f"{_CHANNEL_TAIL}"
+    )
+    dialplan = (
+        f"agi_context: {script.context}\n"
+        f"agi_extension: {script.extension}\n"
+        f"agi_priority: {script.priority}\n"
+        f"{_DIALPLAN_TAIL}"
+    )
+    arguments = f"agi_arg_1: {script.node}\n\n" if script.node_in_arg else "\n"
+    return [network.encode(), channel.encode(), dialplan.encode(), arguments.encode()]
 
-    def encode(lines: list[tuple[str, str]]) -> bytes:
-        # Empty values keep the space after the colon, as Asterisk's "%s: %s\n" writes them.
-        return "".join(f"{name}: {value}\n" for name, value in lines).encode()
 
-    return [*(encode(block) for block in blocks[:-1]), encode(blocks[-1]) + b"\n"]
+_CHANNEL_TAIL = (
+    "agi_callingpres: 0\n"
+    "agi_callingani2: 0\n"
+    "agi_callington: 0\n"
+    "agi_callingtns: 0\n"
+    "agi_dnid: unknown\n"
+    "agi_rdnis: unknown\n"
+)
+_DIALPLAN_TAIL = "agi_enhanced: 0.0\nagi_accountcode: \nagi_threadid: 140234567890\n"
 
 
 async def run_call(
@@ -444,33 +585,30 @@ async def run_call(
     port: int,
     script: CallScript,
     *,
-    # Not asyncio.timeout(): running out of time is a result here (a hung channel), not an error.
+    # Running out of time after connecting is a result here (a hung channel), not an error.
     timeout: float = 30.0,
 ) -> CallResult:
-    """Place one simulated call against a FastAGI server and report what it did."""
+    """Place one simulated call against a FastAGI server and report what it did.
+
+    Raises TimeoutError if the connection is not up within `timeout`, OSError if it fails.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     channel = SimulatedChannel(script)
-    async with asyncio.timeout_at(deadline):
-        reader, writer = await asyncio.open_connection(host, port)
+    call = _Call(channel, environment_writes(script, host, port), loop)
+    transport: asyncio.BaseTransport | None = None
     closed_by_gateway = False
     try:
-        writes = environment_writes(script, host, port)
-        if script.hangup == "before_env_end":
-            writer.write(writes[0])
-            await writer.drain()
-            channel.caller_hung_up = True
-        else:
-            for chunk in writes:
-                writer.write(chunk)
-                await writer.drain()
-            closed_by_gateway = await _serve(reader, writer, channel, deadline)
-    except ConnectionError:
-        closed_by_gateway = True  # the gateway reset the connection: closed, if rudely
+        async with asyncio.timeout_at(deadline) as scope:
+            transport, _ = await loop.create_connection(lambda: call, host, port)
+            closed_by_gateway = await call.finished
+    except TimeoutError:
+        if transport is None or not scope.expired():  # connecting, or a socket's own timeout
+            raise
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        call.stop()
+        if transport is not None:
+            await call.close(abort=not closed_by_gateway)
     context, extension, priority = channel.final_position()
     return CallResult(
         variables=channel.variables,
@@ -486,58 +624,157 @@ async def run_call(
     )
 
 
-async def _serve(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    channel: SimulatedChannel,
-    deadline: float,
-) -> bool:
-    """Answer commands until the gateway closes (True) or the deadline passes (False)."""
-    loop = asyncio.get_running_loop()
-    buffer = bytearray()
-    hangup_at: float | None = None
+class _Call(asyncio.Protocol):
+    """The socket side of one call: the environment out, then every command line answered.
 
-    async def send(text: str) -> None:
-        writer.write(text.encode() + b"\n")
-        await writer.drain()
+    `finished` is True when the gateway closed (EOF, reset, or a write failed because it
+    was gone) and False when the caller went away first ("before_env_end"); run_call cancels
+    it at the deadline.
+    """
 
-    async def hang_up() -> None:
-        # res_agi sends this once, when it notices the hang-up; from then on `dead` holds.
-        channel.mark_dead()
-        await send("HANGUP")
+    def __init__(
+        self, channel: SimulatedChannel, writes: list[bytes], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._channel = channel
+        self._writes = writes
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._stopped = False  # no more answers: the call is over for run_call
+        self._paused = False  # over the high-water mark: answer nothing more until resumed
+        self._eof = False
+        self._hangup_timer: asyncio.TimerHandle | None = None
+        self._hangup_due = False  # the "lookup" hang-up came while answers were held back
+        self.finished: asyncio.Future[bool] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()
 
-    while True:
-        # Decided before waiting: the loop may wake a hair before the time it was asked for.
-        hangup_first = hangup_at is not None and hangup_at < deadline
-        try:
-            async with asyncio.timeout_at(hangup_at if hangup_at and hangup_first else deadline):
-                data = await reader.read(_READ_CHUNK)
-        except TimeoutError:
-            if hangup_first:
-                hangup_at = None
-                channel.caller_hung_up = True
-                await hang_up()
-                continue
-            return False
-        if not data:
-            if buffer:
-                channel.protocol_errors.append("unterminated command line at end of stream")
-            return True
-        buffer += data
-        while (end := buffer.find(b"\n")) >= 0:
-            raw = bytes(buffer[:end])
-            del buffer[: end + 1]
-            await send(channel.handle(raw))
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        if self._channel.script.hangup == "before_env_end":
+            transport.write(self._writes[0])
+            self._channel.caller_hung_up = True
+            self._finish(False)
+            return
+        for chunk in self._writes:  # one write each, as Asterisk sends them
+            transport.write(chunk)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self._buffer += data
+        self._answer()
+
+    def _answer(self) -> None:
+        """Answer every complete line, one write per reply; then check the unfinished one."""
+        transport = self._transport
+        assert transport is not None
+        channel = self._channel
+        buffer = self._buffer
+        start = 0
+        while not self._paused and (end := buffer.find(b"\n", start)) >= 0:
+            reply = channel.handle(bytes(buffer[start:end]))
+            start = end + 1
+            transport.write(reply.encode() + b"\n")
+            if transport.is_closing():  # the write failed: the gateway is gone
+                break
             if channel.hangup_after_reply:
                 channel.hangup_after_reply = False
                 if not channel.dead:
-                    await hang_up()
+                    self._send_hangup()
+                    if transport.is_closing():
+                        break
             if channel.start_lookup_hangup:
                 channel.start_lookup_hangup = False
-                hangup_at = loop.time() + channel.script.hangup_delay
+                self._start_hangup_timer()
+        del buffer[:start]
+        if self._paused or transport.is_closing():
+            return
         if len(buffer) >= AGI_BUF_LEN:
             channel.protocol_errors.append(f"command line longer than {AGI_BUF_LEN} bytes")
             buffer.clear()
+        if self._hangup_due:
+            self._hangup_due = False
+            self._lookup_hangup()
+        if self._eof:
+            self._end_of_stream()
+
+    def _send_hangup(self) -> None:
+        # res_agi sends this once, when it notices the hang-up; from then on `dead` holds.
+        assert self._transport is not None
+        self._channel.mark_dead()
+        self._transport.write(b"HANGUP\n")
+
+    def _start_hangup_timer(self) -> None:
+        if self._hangup_timer is not None:
+            self._hangup_timer.cancel()
+        delay = self._channel.script.hangup_delay
+        self._hangup_timer = self._loop.call_later(delay, self._lookup_hangup)
+
+    def _lookup_hangup(self) -> None:
+        self._hangup_timer = None
+        if self._stopped:
+            return
+        if self._paused:  # noticed once the held-back answers are out, as at the next read
+            self._hangup_due = True
+            return
+        self._channel.caller_hung_up = True
+        self._send_hangup()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if not self._paused and not self._stopped:
+            self._end_of_stream()
+        return True  # run_call closes the socket, as Asterisk does when AGI() returns
+
+    def _end_of_stream(self) -> None:
+        if self._buffer:
+            self._channel.protocol_errors.append("unterminated command line at end of stream")
+            self._buffer.clear()
+        self._finish(True)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is None or self._transport.is_closing() or self._stopped:
+            return
+        self._transport.resume_reading()
+        self._answer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None or isinstance(exc, ConnectionError):
+            self._finish(True)
+        elif not self.finished.done():
+            self.finished.set_exception(exc)
+        self.stop()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _finish(self, closed_by_gateway: bool) -> None:
+        self._stopped = True
+        if not self.finished.done():
+            self.finished.set_result(closed_by_gateway)
+
+    def stop(self) -> None:
+        """Answer nothing more and drop the hang-up timer."""
+        self._stopped = True
+        if self._hangup_timer is not None:
+            self._hangup_timer.cancel()
+            self._hangup_timer = None
+
+    async def close(self, *, abort: bool) -> None:
+        """Close and wait until closed; `abort` drops unsent replies (no one reads them)."""
+        transport = self._transport
+        assert transport is not None
+        if abort and transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+        await self._closed
 
 
 def _summary_line(index: int, result: CallResult | BaseException, elapsed_ms: float) -> str:

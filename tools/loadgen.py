@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import math
 import random
@@ -111,7 +113,9 @@ class PlannedCall:
     expect: Expectation
 
 
+@functools.cache
 def _expect(outcome: str, destination: str | None, **flags: bool) -> Expectation:
+    # Expectations are frozen: one object per distinct one, not one per call.
     return Expectation(frozenset({outcome}), destination, **flags)
 
 
@@ -184,7 +188,8 @@ class Mix:
         if not 4 <= id_length <= 30:
             raise ValueError("id_length must be 4..30")
         self._kinds = [k for k, w in weights.items() if w > 0]
-        self._weights = [weights[k] for k in self._kinds]
+        # Cumulative once, not per call: random.choices draws the same kinds either way.
+        self._cum_weights = list(itertools.accumulate(weights[k] for k in self._kinds))
         self._random = random.Random(seed)
         self._counter = id_offset
         self._id_length = id_length
@@ -221,7 +226,7 @@ class Mix:
         return NODE_DESTINATION, "2" + f"{index:0{width}d}", _expect("crm_destination", "1,7")
 
     def next(self) -> PlannedCall:
-        kind = self._random.choices(self._kinds, self._weights)[0]
+        kind = self._random.choices(self._kinds, cum_weights=self._cum_weights)[0]
         self._serial += 1
         uniqueid = f"{int(time.time())}.{self._serial}"
         script = CallScript(uniqueid=uniqueid, caller_number=f"55{self._serial % 10**8:08d}")
