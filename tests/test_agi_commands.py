@@ -16,6 +16,7 @@ from agi_gateway.commands import (
     CommandError,
     Exec,
     GetData,
+    MultiSet,
     SayDigits,
     SetMusic,
     SetVariable,
@@ -23,7 +24,7 @@ from agi_gateway.commands import (
     Verbose,
     WaitForDigit,
 )
-from tools.asterisk_sim import parse_args
+from tools.asterisk_sim import app_separate_args, parse_args
 
 DANGEROUS = ["\r", "\n", "\0", '"', "\\", "a\r\nHANGUP", 'x" "y', "x\\"]
 
@@ -48,6 +49,11 @@ DANGEROUS = ["\r", "\n", "\0", '"', "\\", "a\r\nHANGUP", 'x" "y', "x\\"]
         (SetVariable(name="X", value="1"), b'SET VARIABLE X "1"\n'),
         (Exec("Goto", "ctx,ext,1"), b'EXEC Goto "ctx,ext,1"\n'),
         (Exec("NoOp"), b'EXEC NoOp ""\n'),
+        (MultiSet([("A", "1")]), b'EXEC MSet "A=1"\n'),
+        (
+            MultiSet([("__OMLCODCLI", "12345"), ("OML_DEST_TYPE", ""), ("OML_X", "crm")]),
+            b'EXEC MSet "__OMLCODCLI=12345,OML_DEST_TYPE=,OML_X=crm"\n',
+        ),
         (SetMusic(True), b'SET MUSIC on "default"\n'),
         (SetMusic(True, "jazz-2"), b'SET MUSIC on "jazz-2"\n'),
         (SetMusic(False), b"SET MUSIC off\n"),
@@ -69,6 +75,7 @@ def test_every_command_encodes_exactly(command: Command, wire: bytes) -> None:
         (SetVariable("X", "a b, c"), ["SET", "VARIABLE", "X", "a b, c"]),
         (SetVariable("X", ""), ["SET", "VARIABLE", "X", ""]),
         (Exec("Goto", "c,e,1"), ["EXEC", "Goto", "c,e,1"]),
+        (MultiSet([("_A", "1"), ("B", "")]), ["EXEC", "MSet", "_A=1,B="]),
     ],
     ids=repr,
 )
@@ -104,6 +111,8 @@ STRING_BUILDERS: dict[str, Callable[[str], Command]] = {
     "SetVariable.value": lambda s: SetVariable("X", s),
     "Exec.application": lambda s: Exec(s, "x"),
     "Exec.options": lambda s: Exec("Goto", s),
+    "MultiSet.name": lambda s: MultiSet([(s, "v")]),
+    "MultiSet.value": lambda s: MultiSet([("X", s)]),
     "SetMusic.music_class": lambda s: SetMusic(True, s),
     "Verbose.message": lambda s: Verbose(s),
 }
@@ -178,6 +187,98 @@ def test_out_of_range_and_malformed_arguments_are_refused(build: Callable[[], Co
     """Ranges, patterns, lengths and types are enforced when the command is built."""
     with pytest.raises(CommandError):
         build()
+
+
+def _mset_pairs(command: MultiSet) -> list[tuple[str, str]]:
+    """What Asterisk sets for an encoded MSet: res_agi's split, then MSet's own two."""
+    argv, unbalanced = parse_args(command.encode().decode("ascii").rstrip("\n"))
+    assert not unbalanced
+    assert argv[:2] == ["EXEC", "MSet"]
+    assert len(argv) == 3
+    pairs = []
+    for part in app_separate_args(argv[2], ",", 99):
+        name, value = app_separate_args(part, "=", 2)
+        pairs.append((name, value))
+    return pairs
+
+
+def test_multiset_sets_exactly_its_pairs_in_order() -> None:
+    """Asterisk's parsers give back every pair, in order: inheritance prefixes, empty values,
+    the same name twice, and 99 pairs (MSet's limit) with the last one intact."""
+    pairs = [
+        ("__OML_CUSTOMER_ID", "0012345"),
+        ("_ONE", "x"),
+        ("EMPTY", ""),
+        ("EMPTY", "again"),
+        ("OML_IDENT_OUTCOME", "crm_destination"),
+    ]
+    assert _mset_pairs(MultiSet(pairs)) == pairs
+    many = [(f"V{index}", str(index)) for index in range(99)]
+    assert _mset_pairs(MultiSet(many)) == many
+    assert MultiSet(iter(pairs)).pairs == tuple(pairs)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [(f"V{index}", "1") for index in range(100)],
+        [("A", "1,B=2")],
+        [("A", "x|y")],
+        [("A", "a=b")],
+        [("A", "f(x)")],
+        [("A", "[x]")],
+        [("A", "a b")],
+        [("A", "${X}")],
+        [("A", "x'y")],
+        [("A", "caf\u00e9")],
+        [("A", "\x7f")],
+        [("A", "v" * 256)],
+        [("TIMEOUT(digit)", "3")],
+        [("A=B", "1")],
+        [("A,B", "1")],
+        [("___A", "1")],
+        [("1A", "1")],
+        [("", "1")],
+        [("A", 1)],
+        [("A",)],
+        [("A", "1", "2")],
+        [["A", "1"]],
+        [(f"VARIABLE_NUMBER_{index:02d}", "v" * 40) for index in range(20)],  # 1000+ chars
+    ],
+    ids=repr,
+)
+def test_multiset_refuses_what_msets_splitter_could_read_differently(pairs: object) -> None:
+    """No pairs, over 99 pairs, and any name or value holding a separator, quote, escape,
+    grouping, space, `$`, non-ASCII or control character, or too long, is refused."""
+    with pytest.raises(CommandError):
+        MultiSet(pairs)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(
+            st.one_of(
+                st.from_regex(r"_{0,2}[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True), st.text()
+            ),
+            st.one_of(
+                st.from_regex(r"[A-Za-z0-9_.:+*#@/-]{0,12}", fullmatch=True),
+                st.from_regex(r"[ -~]{0,12}", fullmatch=True),
+                st.text(max_size=20),
+            ),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_any_multiset_is_refused_or_set_exactly(pairs: list[tuple[str, str]]) -> None:
+    """For any names and values, MultiSet is refused or Asterisk sets exactly those pairs."""
+    try:
+        command = MultiSet(pairs)
+    except CommandError:
+        return
+    assert _mset_pairs(command) == pairs
 
 
 def test_command_error_is_a_value_error() -> None:

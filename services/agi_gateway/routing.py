@@ -1,8 +1,13 @@
 """Hand a decision to Asterisk: channel variables, then an optional jump.
 
-Only fixed-form values reach the socket: outcome and source are enum words, destinations are
-integers and the customer id has been validated to digits. `OML_IDENT_OUTCOME` is written last,
-so a dialplan (or a test) that sees it can rely on every other variable being in place.
+The customer id goes in two `SET VARIABLE`s; the decision's four variables in one command,
+`EXEC MSet "OML_DEST_TYPE=...,OML_IDENT_OUTCOME=..."`, so Asterisk answers one line for them
+instead of four. (Not the id: Asterisk logs the options of every EXEC at verbosity 3, and
+the id stays out of logs.) MSet sets the pairs in order, each as SET VARIABLE would, and
+`OML_IDENT_OUTCOME` is the last pair, in the last command: a dialplan (or a test) that sees it
+can rely on every other variable being in place. Only fixed-form values reach the
+socket: outcome and source are enum words, destinations are integers and the customer id has
+been validated to digits (`MultiSet` refuses anything else when it is built).
 
 Jumps use `EXEC Goto "context,extension,priority"`. Asterisk's Goto goes through
 ast_explicit_goto, which stores priority-1 while the channel runs in the dialplan; when AGI()
@@ -14,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from agi_gateway.commands import Command, Exec, SetVariable
+from agi_gateway.commands import Command, Exec, MultiSet, SetVariable
 from agi_gateway.decisions import Decision
 from agi_gateway.session import AgiSession
 from shared.destination import Destination
@@ -69,13 +74,17 @@ async def apply_decision(session: AgiSession, decision: Decision, jumps: JumpTem
     destination = decision.destination
     commands: list[Command] = []
     if decision.customer_id is not None:
-        commands.extend(SetVariable(name, decision.customer_id) for name in CUSTOMER_VARS)
-    commands += [
-        SetVariable(DEST_TYPE_VAR, "" if destination is None else str(destination.type)),
-        SetVariable(DEST_ID_VAR, "" if destination is None else str(destination.id)),
-        SetVariable(SOURCE_VAR, decision.source.value),
-        SetVariable(OUTCOME_VAR, decision.outcome.value),
-    ]
+        commands += [SetVariable(name, decision.customer_id) for name in CUSTOMER_VARS]
+    commands.append(
+        MultiSet(
+            [
+                (DEST_TYPE_VAR, "" if destination is None else str(destination.type)),
+                (DEST_ID_VAR, "" if destination is None else str(destination.id)),
+                (SOURCE_VAR, decision.source.value),
+                (OUTCOME_VAR, decision.outcome.value),  # last: see the module docstring
+            ]
+        )
+    )
     if destination is not None and not session.hung_up:
         target = jumps.target(destination)
         if target is not None:
