@@ -13,7 +13,8 @@ same run, because on a shared 2-core box absolute numbers move with whatever els
 
 Scenarios: floor throughput and one-at-a-time latency; cache-miss throughput over RabbitMQ;
 one call at a time; a steady 200 calls/s of the realistic mix; cache-hit throughput; 1, 2 and
-3 resolvers; embedded mode; 5,000 calls held at once with the CRM answering after 3 s; the
+3 resolvers; misses and hits again with the gateway's cache read off (A/B); embedded mode,
+misses and repeat callers; 5,000 calls held at once with the CRM answering after 3 s; the
 process-per-call AGI baseline (`bench.ppc`).
 """
 
@@ -542,10 +543,12 @@ class Runner:
             )
             self.scaling(stack)
             self.ppc(stack)
+        self.without_gateway_cache()
         with running(self.stack("embedded", amqp_url=None, redis_url=None)) as stack:
+            fleet = stack_fleet(stack)
             self.load(
                 "embedded_throughput",
-                stack_fleet(stack),
+                fleet,
                 self.loadgen(
                     stack,
                     *closed,
@@ -557,7 +560,73 @@ class Runner:
                     str(self.ids()),
                 ),
             )
+            # Repeat callers, embedded: the gateway answers them from its in-process cache.
+            self.load(
+                "embedded_hit_prewarm",
+                fleet,
+                self.loadgen(
+                    stack,
+                    "--concurrency",
+                    8,
+                    "--duration",
+                    0,
+                    "--calls",
+                    p.prewarm_calls,
+                    "--mix",
+                    "hit",
+                ),
+            )
+            self.load(
+                "embedded_hit_throughput",
+                fleet,
+                self.loadgen(stack, *closed, "--duration", p.embedded_duration, "--mix", "hit"),
+            )
         self.held()
+
+    def without_gateway_cache(self) -> None:
+        """A/B of the gateway's cache read (CALLERID_GATEWAY_CACHE=false): what it costs a
+        miss, and what it saves a hit, against the default runs above."""
+        p = self.params
+        closed: tuple[Arg, ...] = ("--concurrency", p.concurrency, "--warmup", p.warmup)
+        off = {"CALLERID_GATEWAY_CACHE": "false"}
+        with running(
+            self.stack("rabbitmq-no-gateway-cache", resolvers=p.resolvers, extra_env=off)
+        ) as stack:
+            fleet = stack_fleet(stack)
+            self.load(
+                "miss_no_gateway_cache",
+                fleet,
+                self.loadgen(
+                    stack,
+                    *closed,
+                    "--duration",
+                    p.hit_duration,
+                    "--mix",
+                    "miss",
+                    "--id-offset",
+                    str(self.ids()),
+                ),
+            )
+            self.load(
+                "hit_no_gateway_cache_prewarm",
+                fleet,
+                self.loadgen(
+                    stack,
+                    "--concurrency",
+                    8,
+                    "--duration",
+                    0,
+                    "--calls",
+                    p.prewarm_calls,
+                    "--mix",
+                    "hit",
+                ),
+            )
+            self.load(
+                "hit_no_gateway_cache",
+                fleet,
+                self.loadgen(stack, *closed, "--duration", p.hit_duration, "--mix", "hit"),
+            )
 
     def scaling(self, stack: Stack) -> None:
         """Cache-miss throughput with 1..max_resolvers resolver processes."""
@@ -828,7 +897,15 @@ def evaluate(scenarios: dict[str, Any], smoke: bool) -> dict[str, Any]:
         ok(_ratio(hit_t, miss_t), lambda x: x >= 1.5),
     )
     emb_t = emb.get("identifications_per_s")
-    target("embedded >= 2500/s", emb_t, ok(emb_t, lambda x: x >= 2500))
+    target("embedded >= 2500/s (cache misses)", emb_t, ok(emb_t, lambda x: x >= 2500))
+    emb_hit_t = get("embedded_hit_throughput", {}).get("identifications_per_s")
+    target("embedded, repeat callers (report)", emb_hit_t, None)
+    gw_cache: dict[str, Any] = {}
+    for kind in ("miss", "hit"):
+        on = get(f"{kind}_throughput", {}).get("identifications_per_s")
+        off_t = get(f"{kind}_no_gateway_cache", {}).get("identifications_per_s")
+        gw_cache[kind] = {"on_per_s": on, "off_per_s": off_t, "on_x_off": _ratio(on, off_t)}
+    target("gateway cache read on vs off (report)", gw_cache, None)
     gw_rss = held.get("peak_rss_mib", {}).get("gateway")
     decided = held.get("identifications_all")
     target(

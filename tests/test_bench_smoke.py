@@ -29,7 +29,10 @@ SCENARIOS = {
     "hit_throughput",
     "resolvers_1",
     "resolvers_2",
+    "miss_no_gateway_cache",
+    "hit_no_gateway_cache",
     "embedded_throughput",
+    "embedded_hit_throughput",
     "held_5000",
 }
 SHARED_SERVICES = {"rabbitmq", "redis"}
