@@ -608,6 +608,23 @@ class Runner:
                 ),
             )
             self.load(
+                "latency_one_at_a_time_no_gateway_cache",
+                fleet,
+                self.loadgen(
+                    stack,
+                    "--concurrency",
+                    1,
+                    "--duration",
+                    0,
+                    "--mix",
+                    "miss",
+                    "--calls",
+                    str(p.latency_calls),
+                    "--id-offset",
+                    str(self.ids()),
+                ),
+            )
+            self.load(
                 "hit_no_gateway_cache_prewarm",
                 fleet,
                 self.loadgen(
@@ -905,6 +922,8 @@ def evaluate(scenarios: dict[str, Any], smoke: bool) -> dict[str, Any]:
         on = get(f"{kind}_throughput", {}).get("identifications_per_s")
         off_t = get(f"{kind}_no_gateway_cache", {}).get("identifications_per_s")
         gw_cache[kind] = {"on_per_s": on, "off_per_s": off_t, "on_x_off": _ratio(on, off_t)}
+    one_off = get("latency_one_at_a_time_no_gateway_cache", {}).get("latency_ms", {}).get("p50")
+    gw_cache["one_at_a_time_p50_ms"] = {"on": p50, "off": one_off}
     target("gateway cache read on vs off (report)", gw_cache, None)
     gw_rss = held.get("peak_rss_mib", {}).get("gateway")
     decided = held.get("identifications_all")

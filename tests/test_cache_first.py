@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agi_gateway.cache_first import CacheFirstIdentifier
+from agi_gateway.cache_first import LEARN_WEIGHT, READ_ABOVE, CacheFirstIdentifier
 from agi_gateway.metrics import GatewayMetrics
+from crm_resolver.ports import CacheMiss, CrmAnswer
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import Interaction, Source, Verdict
@@ -37,15 +38,28 @@ class RecordingIdentifier:
     def __init__(self) -> None:
         self.requests: list[IdentifyRequest] = []
         self.pending = 0
+        self.source = Source.CRM  # where the resolver says its answer came from
 
     async def identify(self, request: IdentifyRequest) -> IdentifyReply:
         self.requests.append(request)
-        return IdentifyReply(request_id=request.request_id, verdict=Verdict.FALSE)
+        return IdentifyReply(
+            request_id=request.request_id, verdict=Verdict.FALSE, source=self.source
+        )
+
+
+class CountingCache(RecordingCache):
+    def __init__(self, *, broken: bool = False) -> None:
+        super().__init__(broken=broken)
+        self.fetches = 0
+
+    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
+        self.fetches += 1
+        return await super().fetch(node_id, customer_id)
 
 
 class Harness:
     def __init__(self, node: NodeConfig, *, broken: bool = False) -> None:
-        self.cache = RecordingCache(broken=broken)
+        self.cache = CountingCache(broken=broken)
         self.inner = RecordingIdentifier()
         self.metrics = GatewayMetrics(CollectorRegistry())
         nodes = NodeSet([node])
@@ -138,3 +152,39 @@ async def test_pending_is_the_inner_identifiers() -> None:
     h = Harness(make_node())
     h.inner.pending = 3
     assert h.identifier.pending == 3
+
+
+# Requests until a share starting at 1 falls below READ_ABOVE when none is in the cache.
+TO_STOP = next(n for n in range(1, 10_000) if (1 - LEARN_WEIGHT) ** n < READ_ABOVE)
+
+
+async def test_reads_stop_while_nothing_is_in_the_cache_and_are_counted_skipped() -> None:
+    h = Harness(make_node())
+    for n in range(TO_STOP + 50):
+        await h.ask(customer_id=str(10_000 + n))
+    assert h.cache.fetches == TO_STOP
+    assert (h.lookups("miss"), h.lookups("skipped")) == (TO_STOP, 50)
+    assert len(h.inner.requests) == TO_STOP + 50  # skipped or not, every request is answered
+
+
+async def test_reads_resume_when_the_resolvers_answer_from_the_cache() -> None:
+    h = Harness(make_node())
+    for n in range(TO_STOP):
+        await h.ask(customer_id=str(10_000 + n))
+    await h.cache.put("1", "12345", TRUE, 60)
+    assert (await h.ask()).source is Source.CRM  # skipped: the resolver was asked
+    h.inner.source = Source.CACHE  # repeat callers again, found by the resolvers
+    asked = len(h.inner.requests)
+    for _ in range(20):
+        await h.ask()
+    # Once the share is back above the line the gateway reads, and answers them itself.
+    assert h.lookups("hit") > 0
+    assert len(h.inner.requests) < asked + 20
+
+
+async def test_a_dead_cache_stops_the_reads_too() -> None:
+    h = Harness(make_node(), broken=True)
+    for _ in range(TO_STOP + 10):
+        await h.ask()
+    assert h.cache.fetches == TO_STOP
+    assert h.lookups("skipped") == 10

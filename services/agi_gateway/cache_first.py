@@ -16,6 +16,15 @@ Rules:
 - A cache failure (`CacheMiss.ERROR`: Redis down or slower than `CALLERID_CACHE_TIMEOUT`) is
   counted and the request goes on to the resolver, so a dead Redis costs the call one bounded
   timeout, never the call.
+- The read is skipped while it does not pay. It costs a miss a Redis round trip (the
+  benchmark: ~9 % of miss throughput, ~0.6 ms at one call at a time) and saves a hit about
+  half its CPU, so it pays once more than about one request in ten is in the cache. Per node,
+  the share of requests whose answer was in the cache is tracked as a moving average over
+  roughly the last `1 / LEARN_WEIGHT` requests, read or not: a skipped request tells it too,
+  by its reply's source (a resolver that answers from the cache, `cache`, found what the read
+  would have). Below `READ_ABOVE` the gateway stops reading (counted as `skipped`) until the
+  resolvers' replies show repeats again. A node starts out read; a cache failure counts as not
+  in the cache, so a dead Redis stops the reads until the resolvers find answers there again.
 """
 
 from __future__ import annotations
@@ -30,6 +39,12 @@ from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import Source
 from shared.ports import Identifier
+
+READ_ABOVE = 0.1
+"""Share of a node's recent requests found in the cache above which the gateway reads it."""
+
+LEARN_WEIGHT = 1 / 64
+"""Weight of each request in the moving average of that share (~the last 64 requests)."""
 
 
 class CacheFirstIdentifier:
@@ -48,6 +63,8 @@ class CacheFirstIdentifier:
         self._lookups = lookups
         # (node name, result) → counter child: label lookups are not free on the hot path.
         self._children: dict[tuple[str, str], Counter] = {}
+        # node id → moving average of "the answer was in the cache" (1: read; starts read).
+        self._in_cache: dict[str, float] = {}
 
     @property
     def pending(self) -> int:
@@ -57,9 +74,15 @@ class CacheFirstIdentifier:
         node = self._nodes().get(request.node_id)
         if node is None or not _caches(node):
             return await self._inner.identify(request)
+        if self._in_cache.get(node.id, 1.0) < READ_ABOVE:
+            self._count(node.name, "skipped")
+            reply = await self._inner.identify(request)
+            self._learn(node.id, reply.source is Source.CACHE)
+            return reply
         found = await self._cache.fetch(node.id, request.customer_id)
         if isinstance(found, CrmAnswer) and judge(node, found) is None:
             self._count(node.name, "hit")
+            self._learn(node.id, True)
             return IdentifyReply(
                 request_id=request.request_id,
                 verdict=found.verdict,
@@ -67,7 +90,12 @@ class CacheFirstIdentifier:
                 source=Source.CACHE,
             )
         self._count(node.name, "error" if found is CacheMiss.ERROR else "miss")
+        self._learn(node.id, False)
         return await self._inner.identify(request)
+
+    def _learn(self, node_id: str, in_cache: bool) -> None:
+        share = self._in_cache.get(node_id, 1.0)
+        self._in_cache[node_id] = share + LEARN_WEIGHT * (in_cache - share)
 
     def _count(self, node_name: str, result: str) -> None:
         key = (node_name, result)

@@ -14,7 +14,7 @@ from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, zero_init
 from shared.outcomes import Outcome, Source
 
 RPC_RESULTS = ("reply", "timeout", "unavailable")
-CACHE_RESULTS = ("hit", "miss", "error")
+CACHE_RESULTS = ("hit", "miss", "error", "skipped")
 
 
 class GatewayMetrics:
@@ -41,8 +41,8 @@ class GatewayMetrics:
         )
         self.cache_lookups = Counter(
             "callerid_gateway_cache_lookups_total",
-            "Answer-cache lookups made by the gateway before asking a resolver, by node and "
-            "result (hit, miss, error); only misses and errors go on to a resolver.",
+            "Answer-cache lookups by the gateway before asking a resolver, by node and result "
+            "(hit, miss, error; skipped: not read while few recent requests were in the cache).",
             ["node", "result"],
             registry=registry,
         )
