@@ -38,6 +38,7 @@ from aio_pika.abc import (
     AbstractQueue,
     ConsumerTag,
 )
+from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from crm_resolver.metrics import ResolverMetrics
@@ -49,6 +50,7 @@ from shared.topology import DEAD_REASON_HEADER, JSON, Topology
 
 log = logging.getLogger(__name__)
 
+TRANSIENT = 1  # delivery mode: replies are never written to disk
 MIN_REPLY_WAIT = 0.05  # seconds granted to a reply publish even when the deadline is near
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
 
@@ -186,14 +188,18 @@ class AmqpWorker:
         body = reply.model_dump_json().encode()
         # Bounded: past the deadline nobody waits for this reply, so neither should we.
         async with asyncio.timeout(max(MIN_REPLY_WAIT, deadline - self._clock())):
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    body,
+            # aiormq's publish under aio-pika's robust channel, as the gateway publishes: the
+            # same frames and confirm, without building an aio_pika.Message for every reply.
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_publish(
+                body,
+                exchange="",
+                routing_key=reply_to,
+                properties=Basic.Properties(
                     content_type=JSON,
                     correlation_id=message.correlation_id,
-                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                    delivery_mode=TRANSIENT,
                 ),
-                routing_key=reply_to,
                 # Not mandatory: a reply whose caller has gone is unroutable by design.
                 mandatory=False,
             )
