@@ -150,6 +150,17 @@ class _Resolution:
     lookup: _Lookup | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One shared lookup: what every step of asking the CRM for it needs."""
+
+    node: NodeConfig
+    customer_id: str
+    deadline: float
+    context: CallContext
+    meters: _NodeMeters
+
+
 class _NodeMeters:
     """A node's metric children, looked up once: label lookups are not free on a hot path."""
 
@@ -265,7 +276,7 @@ class Resolver:
             async with asyncio.timeout(deadline - self._clock()):
                 resolution, joined = await self._flights.run(
                     (node.id, customer_id),
-                    lambda: self._ask_crm(node, customer_id, deadline, context, meters),
+                    lambda: self._ask_crm(_Ask(node, customer_id, deadline, context, meters)),
                 )
         except TimeoutError:
             if shared_read:
@@ -285,66 +296,46 @@ class Resolver:
         assert resolution.error is not None
         return IdentifyReply.failure(request.request_id, resolution.error, crm_ms=resolution.crm_ms)
 
-    async def _ask_crm(
-        self,
-        node: NodeConfig,
-        customer_id: str,
-        deadline: float,
-        context: CallContext,
-        meters: _NodeMeters,
-    ) -> _Resolution:
+    async def _ask_crm(self, ask: _Ask) -> _Resolution:
         # Runs once for all callers sharing it: an unexpected error is logged here, once,
         # and every caller gets `internal`.
         try:
             lock = self._flight_lock
-            if lock is not None and _caches(node):
-                return await self._coordinated(lock, node, customer_id, deadline, context, meters)
-            resolution = await self._attempts(node, customer_id, deadline, context, meters)
+            if lock is not None and _caches(ask.node):
+                return await self._coordinated(lock, ask)
+            resolution = await self._attempts(ask)
             if resolution.answer is not None and resolution.ttl > 0:
-                await self._cache.put(node.id, customer_id, resolution.answer, resolution.ttl)
+                await self._cache.put(
+                    ask.node.id, ask.customer_id, resolution.answer, resolution.ttl
+                )
             return resolution
         except Exception:
-            log.exception("internal error asking the CRM of node %r", node.name)
+            log.exception("internal error asking the CRM of node %r", ask.node.name)
             return _Resolution(None, ErrorCode.INTERNAL, None)
 
-    async def _coordinated(
-        self,
-        lock: FlightLock,
-        node: NodeConfig,
-        customer_id: str,
-        deadline: float,
-        context: CallContext,
-        meters: _NodeMeters,
-    ) -> _Resolution:
+    async def _coordinated(self, lock: FlightLock, ask: _Ask) -> _Resolution:
         """Resolve through the flight lock: `lead` is the cache read and, on a miss, takes
         the lock; the resolution's `lookup` is what that read found."""
-        claim = await lock.lead(node.id, customer_id, deadline - self._clock() + LOCK_MARGIN)
-        if isinstance(claim, CrmAnswer) and judge(node, claim) is None:
+        left = ask.deadline - self._clock()
+        claim = await lock.lead(ask.node.id, ask.customer_id, left + LOCK_MARGIN)
+        if isinstance(claim, CrmAnswer) and judge(ask.node, claim) is None:
             return _Resolution(claim, None, None, Source.CACHE, lookup=_Lookup.HIT)
-        resolution = await self._contend(lock, claim, node, customer_id, deadline, context, meters)
+        resolution = await self._contend(lock, claim, ask)
         lookup = _Lookup.ERROR if claim is Flight.ERROR else _Lookup.MISS
         return dataclasses.replace(resolution, lookup=lookup)
 
     async def _contend(
-        self,
-        lock: FlightLock,
-        claim: Lease | CrmAnswer | Flight,
-        node: NodeConfig,
-        customer_id: str,
-        deadline: float,
-        context: CallContext,
-        meters: _NodeMeters,
+        self, lock: FlightLock, claim: Lease | CrmAnswer | Flight, ask: _Ask
     ) -> _Resolution:
         """Act on what `lead` said (anything but an acceptable answer), until resolved."""
+        node, customer_id, deadline = ask.node, ask.customer_id, ask.deadline
         clock = self._clock
         while True:
             if isinstance(claim, Lease):
-                return await self._holding(
-                    lock, claim, node, customer_id, deadline, context, meters
-                )
+                return await self._holding(lock, claim, ask)
             seen: CrmAnswer | Flight | _Resolution = claim
             if claim is Flight.HELD:
-                seen = await self._await_holder(lock, node, customer_id, deadline, meters)
+                seen = await self._await_holder(lock, ask)
             if isinstance(seen, _Resolution):
                 return seen
             if isinstance(seen, CrmAnswer) and judge(node, seen) is None:
@@ -352,7 +343,7 @@ class Resolver:
             if seen is not Flight.FREE:
                 # The lock backend failed (counted where it was seen), or the cached answer is
                 # one the node no longer accepts: ask without the lock (and overwrite it).
-                resolution = await self._attempts(node, customer_id, deadline, context, meters)
+                resolution = await self._attempts(ask)
                 if resolution.answer is not None and resolution.ttl > 0:
                     self._after_reply(
                         self._cache.put(node.id, customer_id, resolution.answer, resolution.ttl)
@@ -364,22 +355,13 @@ class Resolver:
                 return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
             claim = await lock.lead(node.id, customer_id, left + LOCK_MARGIN)
             if claim is Flight.ERROR:
-                meters.lookups[_Lookup.ERROR].inc()
+                ask.meters.lookups[_Lookup.ERROR].inc()
 
-    async def _holding(
-        self,
-        lock: FlightLock,
-        lease: Lease,
-        node: NodeConfig,
-        customer_id: str,
-        deadline: float,
-        context: CallContext,
-        meters: _NodeMeters,
-    ) -> _Resolution:
+    async def _holding(self, lock: FlightLock, lease: Lease, ask: _Ask) -> _Resolution:
         """Ask the CRM under `lease`; store and release after the reply, however it ends."""
         answer, ttl = None, 0.0
         try:
-            resolution = await self._attempts(node, customer_id, deadline, context, meters)
+            resolution = await self._attempts(ask)
             if resolution.ttl > 0:
                 answer, ttl = resolution.answer, resolution.ttl
             return resolution
@@ -389,24 +371,17 @@ class Resolver:
             # cancelled (close()): the lock is given back, not left to expire.
             self._after_reply(lock.settle(lease, answer, ttl))
 
-    async def _await_holder(
-        self,
-        lock: FlightLock,
-        node: NodeConfig,
-        customer_id: str,
-        deadline: float,
-        meters: _NodeMeters,
-    ) -> CrmAnswer | Flight | _Resolution:
+    async def _await_holder(self, lock: FlightLock, ask: _Ask) -> CrmAnswer | Flight | _Resolution:
         """The holder's answer, FREE or ERROR; a crm_timeout resolution at the deadline."""
         clock = self._clock
         while True:
-            left = deadline - clock()
+            left = ask.deadline - clock()
             if left <= 0:
                 return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
             await asyncio.sleep(min(self._flight_poll, left))
-            seen = await lock.peek(node.id, customer_id)
+            seen = await lock.peek(ask.node.id, ask.customer_id)
             if seen is Flight.ERROR:
-                meters.lookups[_Lookup.ERROR].inc()
+                ask.meters.lookups[_Lookup.ERROR].inc()
             if seen is not Flight.HELD:
                 return seen
 
@@ -422,14 +397,8 @@ class Resolver:
             # The adapters fail open, so this is a bug; it must not go unnoticed, nor escape.
             log.error("cache write after a reply failed", exc_info=exc)
 
-    async def _attempts(
-        self,
-        node: NodeConfig,
-        customer_id: str,
-        deadline: float,
-        context: CallContext,
-        meters: _NodeMeters,
-    ) -> _Resolution:
+    async def _attempts(self, ask: _Ask) -> _Resolution:
+        node, customer_id, deadline, meters = ask.node, ask.customer_id, ask.deadline, ask.meters
         assert node.url is not None  # uses_crm implies a URL (NodeConfig validates it)
         breaker = self._breakers.get(node.url)
         if not breaker.allow():
@@ -443,7 +412,9 @@ class Resolver:
         while True:
             started = clock()
             try:
-                answer = await self._crm.lookup(node, customer_id, budget=budget, context=context)
+                answer = await self._crm.lookup(
+                    node, customer_id, budget=budget, context=ask.context
+                )
             except CrmError as err:
                 took = max(0.0, clock() - started)
                 spent += took
