@@ -1,5 +1,6 @@
 """Fakes behind the resolver's ports, for unit tests anywhere in the suite.
 
+- `make_node`: a valid CRM node ("1", "gold", crm_destination), with any field overridden.
 - `FakeClock`: a settable clock; pass it as a resolver's, breaker's or cache's clock.
 - `FakeCrm`: a `CrmClient` that records every call and answers from a script. It can be
   held at a gate (to keep calls in flight) and can make time pass on a `FakeClock` (to play a
@@ -23,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from crm_resolver.memory_cache import MemoryCache
 from crm_resolver.ports import (
@@ -36,7 +38,9 @@ from crm_resolver.ports import (
 )
 from shared.destination import Destination
 from shared.nodes import NodeConfig
-from shared.outcomes import Verdict
+from shared.outcomes import Interaction, Verdict
+
+CRM_URL = "https://crm.example.com/identify"
 
 TRUE = CrmAnswer(Verdict.TRUE)
 FALSE = CrmAnswer(Verdict.FALSE)
@@ -44,6 +48,20 @@ FALSE = CrmAnswer(Verdict.FALSE)
 
 def destination(type_: int, id_: int) -> CrmAnswer:
     return CrmAnswer(Verdict.DESTINATION, Destination(type=type_, id=id_))
+
+
+def make_node(**overrides: Any) -> NodeConfig:
+    fields: dict[str, Any] = {
+        "id": "1",
+        "name": "gold",
+        "interaction": Interaction.CRM_DESTINATION,
+        "url": CRM_URL,
+        "audio": "prompt",
+        "on_identified": "1,3",
+        "on_not_identified": "1,4",
+    }
+    fields.update(overrides)
+    return NodeConfig.model_validate(fields)
 
 
 class FakeClock:

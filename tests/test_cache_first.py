@@ -14,22 +14,12 @@ from crm_resolver.ports import CacheMiss, CrmAnswer
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import Interaction, Source, Verdict
+from tests import fakes
 from tests.fakes import FALSE, TRUE, RecordingCache, destination
 
 
 def make_node(**overrides: Any) -> NodeConfig:
-    fields: dict[str, Any] = {
-        "id": "1",
-        "name": "gold",
-        "interaction": Interaction.CRM_DESTINATION,
-        "url": "https://crm.example.com/identify",
-        "audio": "prompt",
-        "on_identified": "1,3",
-        "on_not_identified": "1,4",
-        "allowed_destination_types": [1, 2],
-    }
-    fields.update(overrides)
-    return NodeConfig.model_validate(fields)
+    return fakes.make_node(**{"allowed_destination_types": [1, 2], **overrides})
 
 
 class RecordingIdentifier:

@@ -24,27 +24,13 @@ from crm_resolver.ports import CrmAnswer, CrmStatusFail, Flight, Lease
 from crm_resolver.redis_cache import RedisCache
 from crm_resolver.resolver import LOCK_MARGIN, Resolver
 from shared.messages import IdentifyReply, IdentifyRequest
-from shared.nodes import NodeConfig, NodeSet
-from shared.outcomes import Interaction, Source, Verdict
-from tests.fakes import FakeCrm, destination
+from shared.nodes import NodeSet
+from shared.outcomes import Source, Verdict
+from tests.fakes import FakeCrm, destination, make_node
 
 pytestmark = pytest.mark.integration
 
-NODES = NodeSet(
-    [
-        NodeConfig.model_validate(
-            {
-                "id": "1",
-                "name": "gold",
-                "interaction": Interaction.CRM_DESTINATION,
-                "url": "https://crm.example.com/identify",
-                "audio": "prompt",
-                "on_identified": "1,3",
-                "on_not_identified": "1,4",
-            }
-        )
-    ]
-)
+NODES = NodeSet([make_node()])
 
 
 class WatchedCache(RedisCache):

@@ -29,6 +29,7 @@ from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import ErrorCode, Interaction, Source, Verdict
 from tests.fakes import (
+    CRM_URL,
     FALSE,
     TRUE,
     FakeClock,
@@ -36,9 +37,10 @@ from tests.fakes import (
     FakeFlights,
     RecordingCache,
     destination,
+    make_node,
 )
 
-URL = "https://crm.example.com/identify"
+URL = CRM_URL
 
 
 class ReadCounter:
@@ -55,20 +57,6 @@ class ReadCounter:
 
     async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:
         await self.cache.put(node_id, customer_id, answer, ttl)
-
-
-def make_node(**overrides: Any) -> NodeConfig:
-    fields: dict[str, Any] = {
-        "id": "1",
-        "name": "gold",
-        "interaction": Interaction.CRM_DESTINATION,
-        "url": URL,
-        "audio": "prompt",
-        "on_identified": "1,3",
-        "on_not_identified": "1,4",
-    }
-    fields.update(overrides)
-    return NodeConfig.model_validate(fields)
 
 
 @dataclass
