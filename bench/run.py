@@ -418,9 +418,46 @@ class Runner:
             **kwargs,
         )
 
+    def closed_loop(
+        self,
+        name: str,
+        fleet: Fleet,
+        stack: Stack,
+        mix: str,
+        duration: float,
+        *,
+        during: Callable[[Callable[[], bool]], dict[str, Any]] | None = None,
+    ) -> None:
+        """`concurrency` calls at a time for `duration` s (misses get ids never used before)."""
+        p = self.params
+        fresh: tuple[Arg, ...] = () if mix == "hit" else ("--id-offset", self.ids())
+        argv = self.loadgen(
+            stack,
+            *("--concurrency", p.concurrency, "--warmup", p.warmup, "--duration", duration),
+            *("--mix", mix, *fresh),
+        )
+        self.load(name, fleet, argv, during=during)
+
+    def one_at_a_time(self, name: str, fleet: Fleet, stack: Stack) -> None:
+        """`latency_calls` cache misses, each placed when the last one has its decision."""
+        argv = self.loadgen(
+            stack,
+            *("--concurrency", 1, "--duration", 0, "--calls", self.params.latency_calls),
+            *("--mix", "miss", "--id-offset", self.ids()),
+        )
+        self.load(name, fleet, argv)
+
+    def prewarm(self, name: str, fleet: Fleet, stack: Stack) -> None:
+        """Fill the cache with the hit pool, so that the hit run after it only hits."""
+        argv = self.loadgen(
+            stack,
+            *("--concurrency", 8, "--duration", 0, "--calls", self.params.prewarm_calls),
+            *("--mix", "hit"),
+        )
+        self.load(name, fleet, argv)
+
     def run_all(self) -> None:
         p = self.params
-        closed: tuple[Arg, ...] = ("--concurrency", p.concurrency, "--warmup", p.warmup)
         with running(self.stack("rabbitmq", resolvers=p.resolvers)) as stack:
             assert stack.crm is not None
             with running(
@@ -433,6 +470,7 @@ class Runner:
                 )
             ) as floor:
                 ffleet = floor.fleet(stack.crm.pid)
+                closed: tuple[Arg, ...] = ("--concurrency", p.concurrency, "--warmup", p.warmup)
                 self.load(
                     "floor_throughput",
                     ffleet,
@@ -445,205 +483,53 @@ class Runner:
                     ffleet,
                     self.floor_client(
                         floor,
-                        "--concurrency",
-                        1,
-                        "--duration",
-                        0,
-                        "--calls",
-                        p.latency_calls,
-                        "--id-offset",
-                        self.ids(),
+                        *("--concurrency", 1, "--duration", 0, "--calls", p.latency_calls),
+                        *("--id-offset", self.ids()),
                     ),
                 )
             fleet = stack_fleet(stack)
-            self.load(
-                "miss_throughput",
-                fleet,
-                self.loadgen(
-                    stack,
-                    *closed,
-                    "--duration",
-                    p.miss_duration,
-                    "--mix",
-                    "miss",
-                    "--id-offset",
-                    str(self.ids()),
-                ),
-            )
+            self.closed_loop("miss_throughput", fleet, stack, "miss", p.miss_duration)
             profiler = self.profiler(stack, p.profile_seconds)
             if profiler is not None:
                 # Apart from the measured run: py-spy takes CPU from the 2 cores it samples.
-                self.load(
-                    "miss_profiled",
-                    fleet,
-                    self.loadgen(
-                        stack,
-                        *closed,
-                        "--duration",
-                        p.profile_seconds + p.warmup + 3,
-                        "--mix",
-                        "miss",
-                        "--id-offset",
-                        str(self.ids()),
-                    ),
-                    during=profiler,
-                )
-            self.load(
-                "latency_one_at_a_time",
-                fleet,
-                self.loadgen(
-                    stack,
-                    "--concurrency",
-                    1,
-                    "--duration",
-                    0,
-                    "--mix",
-                    "miss",
-                    "--calls",
-                    str(p.latency_calls),
-                    "--id-offset",
-                    str(self.ids()),
-                ),
-            )
+                seconds = p.profile_seconds + p.warmup + 3
+                self.closed_loop("miss_profiled", fleet, stack, "miss", seconds, during=profiler)
+            self.one_at_a_time("latency_one_at_a_time", fleet, stack)
             self.load(
                 "steady_200",
                 fleet,
                 self.loadgen(
                     stack,
-                    "--rate",
-                    p.steady_rate,
-                    "--duration",
-                    p.steady_duration,
-                    "--mix",
-                    "realistic",
-                    "--id-offset",
-                    str(self.ids()),
+                    *("--rate", p.steady_rate, "--duration", p.steady_duration),
+                    *("--mix", "realistic", "--id-offset", self.ids()),
                 ),
             )
-            # Fill the cache with the hit pool first; then every identification is a hit.
-            self.load(
-                "hit_prewarm",
-                fleet,
-                self.loadgen(
-                    stack,
-                    "--concurrency",
-                    8,
-                    "--duration",
-                    0,
-                    "--calls",
-                    p.prewarm_calls,
-                    "--mix",
-                    "hit",
-                ),
-            )
-            self.load(
-                "hit_throughput",
-                fleet,
-                self.loadgen(stack, *closed, "--duration", p.hit_duration, "--mix", "hit"),
-            )
+            self.prewarm("hit_prewarm", fleet, stack)
+            self.closed_loop("hit_throughput", fleet, stack, "hit", p.hit_duration)
             self.scaling(stack)
             self.ppc(stack)
         self.without_gateway_cache()
         with running(self.stack("embedded", amqp_url=None, redis_url=None)) as stack:
             fleet = stack_fleet(stack)
-            self.load(
-                "embedded_throughput",
-                fleet,
-                self.loadgen(
-                    stack,
-                    *closed,
-                    "--duration",
-                    p.embedded_duration,
-                    "--mix",
-                    "miss",
-                    "--id-offset",
-                    str(self.ids()),
-                ),
-            )
+            self.closed_loop("embedded_throughput", fleet, stack, "miss", p.embedded_duration)
             # Repeat callers, embedded: the gateway answers them from its in-process cache.
-            self.load(
-                "embedded_hit_prewarm",
-                fleet,
-                self.loadgen(
-                    stack,
-                    "--concurrency",
-                    8,
-                    "--duration",
-                    0,
-                    "--calls",
-                    p.prewarm_calls,
-                    "--mix",
-                    "hit",
-                ),
-            )
-            self.load(
-                "embedded_hit_throughput",
-                fleet,
-                self.loadgen(stack, *closed, "--duration", p.embedded_duration, "--mix", "hit"),
-            )
+            self.prewarm("embedded_hit_prewarm", fleet, stack)
+            self.closed_loop("embedded_hit_throughput", fleet, stack, "hit", p.embedded_duration)
         self.held()
 
     def without_gateway_cache(self) -> None:
         """A/B of the gateway's cache read (CALLERID_GATEWAY_CACHE=false): what it costs a
         miss, and what it saves a hit, against the default runs above."""
         p = self.params
-        closed: tuple[Arg, ...] = ("--concurrency", p.concurrency, "--warmup", p.warmup)
         off = {"CALLERID_GATEWAY_CACHE": "false"}
         with running(
             self.stack("rabbitmq-no-gateway-cache", resolvers=p.resolvers, extra_env=off)
         ) as stack:
             fleet = stack_fleet(stack)
-            self.load(
-                "miss_no_gateway_cache",
-                fleet,
-                self.loadgen(
-                    stack,
-                    *closed,
-                    "--duration",
-                    p.hit_duration,
-                    "--mix",
-                    "miss",
-                    "--id-offset",
-                    str(self.ids()),
-                ),
-            )
-            self.load(
-                "latency_one_at_a_time_no_gateway_cache",
-                fleet,
-                self.loadgen(
-                    stack,
-                    "--concurrency",
-                    1,
-                    "--duration",
-                    0,
-                    "--mix",
-                    "miss",
-                    "--calls",
-                    str(p.latency_calls),
-                    "--id-offset",
-                    str(self.ids()),
-                ),
-            )
-            self.load(
-                "hit_no_gateway_cache_prewarm",
-                fleet,
-                self.loadgen(
-                    stack,
-                    "--concurrency",
-                    8,
-                    "--duration",
-                    0,
-                    "--calls",
-                    p.prewarm_calls,
-                    "--mix",
-                    "hit",
-                ),
-            )
-            self.load(
-                "hit_no_gateway_cache",
-                fleet,
-                self.loadgen(stack, *closed, "--duration", p.hit_duration, "--mix", "hit"),
-            )
+            self.closed_loop("miss_no_gateway_cache", fleet, stack, "miss", p.hit_duration)
+            self.one_at_a_time("latency_one_at_a_time_no_gateway_cache", fleet, stack)
+            self.prewarm("hit_no_gateway_cache_prewarm", fleet, stack)
+            self.closed_loop("hit_no_gateway_cache", fleet, stack, "hit", p.hit_duration)
 
     def scaling(self, stack: Stack) -> None:
         """Cache-miss throughput with 1..max_resolvers resolver processes."""
@@ -653,22 +539,8 @@ class Runner:
         for count in range(1, p.max_resolvers + 1):
             while sum(proc.alive for proc in stack.resolver_procs) < count:
                 stack.add_resolver()
-            self.load(
-                f"resolvers_{count}",
-                stack_fleet(stack),
-                self.loadgen(
-                    stack,
-                    "--concurrency",
-                    p.concurrency,
-                    "--warmup",
-                    p.warmup,
-                    "--duration",
-                    str(p.scaling_duration),
-                    "--mix",
-                    "miss",
-                    "--id-offset",
-                    str(self.ids()),
-                ),
+            self.closed_loop(
+                f"resolvers_{count}", stack_fleet(stack), stack, "miss", p.scaling_duration
             )
 
     def held(self) -> None:
