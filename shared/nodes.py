@@ -189,6 +189,11 @@ class NodeConfig(BaseModel):
     def uses_crm(self) -> bool:
         return self.interaction is not Interaction.NONE
 
+    @property
+    def caches(self) -> bool:
+        """Whether this node's CRM answers are cached at all (either TTL above 0)."""
+        return self.uses_crm and (self.cache_ttl_positive > 0 or self.cache_ttl_negative > 0)
+
     def entry_is_valid(self, digits: str) -> bool:
         """Whether a collected entry may be used (and written to the AGI socket)."""
         if not digits.isascii() or not digits.isdigit():

@@ -301,3 +301,33 @@ def test_static_type_9_destinations_must_name_a_configured_node() -> None:
     with pytest.raises(ConfigError, match="on_identified: type 9 names node 7"):
         NodeSet([node(id="1", on_identified="9,7")])
     assert len(NodeSet([node(id="1", on_identified="9,2"), node(id="2", name="two")])) == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "caches"),
+    [
+        ({}, False),  # no CRM: nothing to cache
+        ({"interaction": "crm_true_false", "url": "https://crm.example.com/x"}, True),
+        (
+            {
+                "interaction": "crm_true_false",
+                "url": "https://crm.example.com/x",
+                "cache_ttl_positive": 0,
+            },
+            True,  # false answers are still cached
+        ),
+        (
+            {
+                "interaction": "crm_true_false",
+                "url": "https://crm.example.com/x",
+                "cache_ttl_positive": 0,
+                "cache_ttl_negative": 0,
+            },
+            False,
+        ),
+    ],
+)
+def test_a_node_caches_when_it_asks_a_crm_and_a_ttl_is_above_zero(
+    changes: dict[str, Any], caches: bool
+) -> None:
+    assert node(**changes).caches is caches

@@ -36,7 +36,7 @@ from prometheus_client import Counter
 from crm_resolver.ports import Cache, CacheMiss, CrmAnswer
 from crm_resolver.resolver import judge
 from shared.messages import IdentifyReply, IdentifyRequest
-from shared.nodes import NodeConfig, NodeSet
+from shared.nodes import NodeSet
 from shared.outcomes import Source
 from shared.ports import Identifier
 
@@ -72,7 +72,7 @@ class CacheFirstIdentifier:
 
     async def identify(self, request: IdentifyRequest) -> IdentifyReply:
         node = self._nodes().get(request.node_id)
-        if node is None or not _caches(node):
+        if node is None or not node.caches:
             return await self._inner.identify(request)
         if self._in_cache.get(node.id, 1.0) < READ_ABOVE:
             self._count(node.name, "skipped")
@@ -103,7 +103,3 @@ class CacheFirstIdentifier:
         if child is None:
             child = self._children[key] = self._lookups.labels(node_name, result)
         child.inc()
-
-
-def _caches(node: NodeConfig) -> bool:
-    return node.uses_crm and (node.cache_ttl_positive > 0 or node.cache_ttl_negative > 0)

@@ -261,7 +261,7 @@ class Resolver:
         customer_id = request.customer_id
         # With a flight lock the shared call reads the cache (`lead`); without, the request.
         shared_read = False
-        if _caches(node):
+        if node.caches:
             if self._flight_lock is not None:
                 shared_read = True
             else:
@@ -301,7 +301,7 @@ class Resolver:
         # and every caller gets `internal`.
         try:
             lock = self._flight_lock
-            if lock is not None and _caches(ask.node):
+            if lock is not None and ask.node.caches:
                 return await self._coordinated(lock, ask)
             resolution = await self._attempts(ask)
             if resolution.answer is not None and resolution.ttl > 0:
@@ -459,10 +459,6 @@ class Resolver:
         for node in self._nodes():
             if node.url == url:
                 self._metrics.circuit_state.labels(node.name).set(value)
-
-
-def _caches(node: NodeConfig) -> bool:
-    return node.cache_ttl_positive > 0 or node.cache_ttl_negative > 0
 
 
 def _is_outage(err: CrmError) -> bool:
