@@ -170,6 +170,11 @@ class RedisCache:
     def flight_key(self, node_id: str, customer_id: str) -> str:
         return f"{self._flight_prefix}{node_id}:{self._digest(customer_id)}"
 
+    def _keys(self, node_id: str, customer_id: str) -> list[str]:
+        """[answer key, lock key] of one lookup: the KEYS of the flight-lock scripts."""
+        digest = self._digest(customer_id)
+        return [f"{self._prefix}{node_id}:{digest}", f"{self._flight_prefix}{node_id}:{digest}"]
+
     def _digest(self, customer_id: str) -> str:
         hasher = self._hasher.copy()
         hasher.update(customer_id.encode())
@@ -195,14 +200,10 @@ class RedisCache:
             self._failed("write", exc)
 
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
-        digest = self._digest(customer_id)
         token = secrets.token_hex(8)
         try:
             found = await self._lead(
-                keys=[
-                    f"{self._prefix}{node_id}:{digest}",
-                    f"{self._flight_prefix}{node_id}:{digest}",
-                ],
+                keys=self._keys(node_id, customer_id),
                 args=[token, max(1, int(ttl * 1000))],
             )
             if isinstance(found, bytes | str):
@@ -213,11 +214,8 @@ class RedisCache:
             return Flight.ERROR
 
     async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
-        digest = self._digest(customer_id)
         try:
-            answer, holder = await self._client.mget(
-                f"{self._prefix}{node_id}:{digest}", f"{self._flight_prefix}{node_id}:{digest}"
-            )
+            answer, holder = await self._client.mget(self._keys(node_id, customer_id))
             if answer is not None:
                 return _decode(answer)
             return Flight.FREE if holder is None else Flight.HELD
@@ -226,15 +224,11 @@ class RedisCache:
             return Flight.ERROR
 
     async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
-        digest = self._digest(lease.customer_id)
         ttl_ms = int(ttl * 1000)
         value = _encode(answer) if answer is not None and ttl_ms > 0 else b""
         try:
             await self._settle(
-                keys=[
-                    f"{self._prefix}{lease.node_id}:{digest}",
-                    f"{self._flight_prefix}{lease.node_id}:{digest}",
-                ],
+                keys=self._keys(lease.node_id, lease.customer_id),
                 args=[lease.token, value, ttl_ms],
             )
         except _FAILURES as exc:
