@@ -63,11 +63,11 @@ GARBAGE = b"<html><body><h1>It works!</h1></body></html>"
 _SLOW_DEFAULT_MS = 5000.0
 _MAX_DELAY_MS = 600_000.0
 _MODES: tuple[Mode, ...] = get_args(Mode)
-# Delayed answers are woken on shutdown, so this only bounds a client that stops reading.
 # aiohttp's default of 128 overflows when a load test's resolvers open thousands of CRM
 # connections at once; the dropped SYNs come back after 1, 3, 7 s of retransmission and read
 # as a slow CRM.
 LISTEN_BACKLOG = 4096
+# Delayed answers are woken on shutdown, so this only bounds a client that stops reading.
 _SHUTDOWN_SECONDS = 1.0
 
 
