@@ -424,6 +424,22 @@ def _event_hook(event: asyncio.Event) -> Callable[[], Awaitable[None]]:
     return hook
 
 
+async def _a_asks_while_b_waits(
+    a: Harness, b: Harness
+) -> tuple[asyncio.Event, asyncio.Task[IdentifyReply], asyncio.Task[IdentifyReply]]:
+    """A asks the CRM (held at its gate), and B, another process, is waiting on A's lock."""
+    assert a.flights is not None
+    gate = a.crm.hold()
+    first = asyncio.create_task(a.ask())
+    await a.crm.entered.wait()
+    waiting = asyncio.Event()
+    a.flights.on_peek = _event_hook(waiting)
+    second = asyncio.create_task(b.ask())
+    async with asyncio.timeout(5):  # B never waiting means it did not see A's lock
+        await waiting.wait()
+    return gate, first, second
+
+
 def _tick_hook(clock: FakeClock, seconds: float) -> Callable[[], Awaitable[None]]:
     async def hook() -> None:
         clock.advance(seconds)
@@ -619,14 +635,7 @@ async def test_another_process_holding_the_lock_is_waited_for_and_its_answer_ser
     a = harness([destination(1, 9)], flights=True)
     assert a.flights is not None
     b = a.peer()
-    gate = a.crm.hold()
-    first = asyncio.create_task(a.ask())
-    await a.crm.entered.wait()
-    waiting = asyncio.Event()
-    a.flights.on_peek = _event_hook(waiting)
-    second = asyncio.create_task(b.ask())
-    async with asyncio.timeout(5):  # B never waiting means it did not see A's lock
-        await waiting.wait()
+    gate, first, second = await _a_asks_while_b_waits(a, b)
     assert len(a.crm.calls) == 1
     gate.set()
     ra, rb = await asyncio.gather(first, second)
@@ -648,14 +657,7 @@ async def test_lock_released_without_an_answer_means_the_waiter_asks_itself() ->
     a = harness([CrmStatusFail("fail")], flights=True)
     assert a.flights is not None
     b = a.peer()
-    gate = a.crm.hold()
-    first = asyncio.create_task(a.ask())
-    await a.crm.entered.wait()
-    waiting = asyncio.Event()
-    a.flights.on_peek = _event_hook(waiting)
-    second = asyncio.create_task(b.ask())
-    async with asyncio.timeout(5):  # B never waiting means it did not see A's lock
-        await waiting.wait()
+    gate, first, second = await _a_asks_while_b_waits(a, b)
     gate.set()
     ra, rb = await asyncio.gather(first, second)
     assert ra.error is ErrorCode.CRM_STATUS_FAIL
