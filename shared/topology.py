@@ -42,6 +42,8 @@ DEAD_REASON_HEADER = "x-callerid-dead-reason"
 
 ROUTING_KEY = "identify"
 JSON = "application/json"
+TRANSIENT = 1
+"""AMQP delivery mode of requests and replies: never written to disk (they live seconds)."""
 
 
 @dataclass(frozen=True, slots=True)

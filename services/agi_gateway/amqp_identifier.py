@@ -44,11 +44,10 @@ from agi_gateway.metrics import GatewayMetrics
 from shared.amqp_link import AmqpLink
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.ports import IdentifyTimeout, IdentifyUnavailable
-from shared.topology import JSON, REPLY_TO, Topology
+from shared.topology import JSON, REPLY_TO, TRANSIENT, Topology
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = 1
 LOG_EVERY = 100  # log the first bad reply, then one in LOG_EVERY: a flood must not flood logs
 
 # Everything a publish can raise once the channel is in a bad state; translated in one place.

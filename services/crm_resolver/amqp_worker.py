@@ -46,11 +46,10 @@ from shared.amqp_link import AmqpLink
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.outcomes import ErrorCode
 from shared.ports import RequestHandler
-from shared.topology import DEAD_REASON_HEADER, JSON, Topology
+from shared.topology import DEAD_REASON_HEADER, JSON, TRANSIENT, Topology
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = 1  # delivery mode: replies are never written to disk
 MIN_REPLY_WAIT = 0.05  # seconds granted to a reply publish even when the deadline is near
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
 
