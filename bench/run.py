@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,11 +36,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from bench import ppc
 from tools.loadgen import LOADGEN_CRM_TABLE, LOADGEN_NODES, raise_fd_limit
-from tools.stack import Proc, Stack, metric_value
+from tools.stack import Proc, Stack, free_port, metric_value, url_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -223,12 +221,6 @@ def wait_for_line(proc: Proc, text: str, timeout: float = 30.0) -> None:
 def _exited(pid: int) -> bool:
     """Whether a child has exited, without reaping it (its rusage is read by wait4 later)."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -916,17 +908,6 @@ def markdown(run: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _reachable(url: str, default_port: int) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
-        ):
-            return True
-    except OSError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument(
@@ -950,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     amqp_url = os.environ.get("CALLERID_AMQP_URL") or DEFAULT_AMQP
     redis_url = os.environ.get("CALLERID_REDIS_URL") or DEFAULT_REDIS
     for url, port, what in ((amqp_url, 5672, "RabbitMQ"), (redis_url, 6379, "Redis")):
-        if not _reachable(url, port):
+        if not url_answers(url, port):
             print(f"bench: {what} is not reachable at {url}: run `make services`", file=sys.stderr)
             return 2
     # One socket per held call, in the load generator and in the gateway (inherited).

@@ -8,10 +8,10 @@ under CI=true with a message saying what to start, and is skipped only on a deve
 from __future__ import annotations
 
 import os
-import socket
-from urllib.parse import urlsplit
 
 import pytest
+
+from tools.stack import url_answers
 
 LOCAL_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
@@ -21,17 +21,6 @@ START_HINTS = {
     "Redis": "start it with `redis-server --daemonize yes --port 6379 --save ''` "
     "(or set CALLERID_TEST_REDIS_URL)",
 }
-
-
-def _answers(url: str, default_port: int) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
-        ):
-            return True
-    except OSError:
-        return False
 
 
 def _docker_engine_answers() -> bool:
@@ -53,7 +42,7 @@ def _missing(what: str) -> None:
 
 def find_service(what: str, env_name: str, local: str, default_port: int) -> str:
     url = os.environ.get(env_name, local)
-    if _answers(url, default_port):
+    if url_answers(url, default_port):
         return url
     if _docker_engine_answers():  # pragma: no cover - this machine has no Docker engine
         from testcontainers.rabbitmq import RabbitMqContainer

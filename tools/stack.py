@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 30.0
@@ -42,12 +43,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+def port_answers(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def url_answers(url: str, default_port: int, timeout: float = 1.0) -> bool:
+    """Whether the server a service URL names (amqp://, redis://) accepts a connection."""
+    parts = urlsplit(url)
+    return port_answers(parts.port or default_port, parts.hostname or "127.0.0.1", timeout)
 
 
 def redis_server(workdir: Path, port: int | None = None) -> Proc:
