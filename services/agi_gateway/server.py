@@ -58,17 +58,23 @@ class AgiServer:
         return host, port
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, host, port, limit=16384, backlog=1024, reuse_address=True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_session, host, port, backlog=1024, reuse_address=True
         )
         log.info("FastAGI listening on %s:%d", *self.address)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _new_session(self) -> AgiSession:
+        return AgiSession(self._start_call, command_timeout=self._command_timeout)
+
+    def _start_call(self, session: AgiSession) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(session))
         self._calls.add(task)
         self._metrics.sessions_live.inc()
-        session = AgiSession(reader, writer, command_timeout=self._command_timeout)
+
+    async def _serve(self, session: AgiSession) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         try:
             if self._draining or len(self._calls) > self._max_calls:
                 reason = "draining" if self._draining else "over_capacity"
