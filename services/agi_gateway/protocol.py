@@ -132,6 +132,10 @@ class AgiParser:
         self._buffer += data
         events: list[Event] = []
         try:
+            for clean in self._clean_lines():
+                event = self._on_line(clean)
+                if event is not None:
+                    events.append(event)
             while (line := self._next_line()) is not None:
                 event = self._on_line(line)
                 if event is not None:
@@ -172,6 +176,37 @@ class AgiParser:
         self._buffer.clear()
         self._env.clear()
         self._usage.clear()
+
+    def _clean_lines(self) -> list[str]:
+        """Every complete line in the buffer, taken in one go when none of them can be refused
+        for its bytes (NUL, bad UTF-8, length); otherwise [] and `_next_line` takes them one by
+        one, so errors and the events before them come out exactly as they would line by line.
+
+        The common case, a whole environment block or a few replies in one segment, then costs
+        one decode and one split instead of a search, a copy and a decode per line.
+        """
+        end = self._buffer.rfind(b"\n")
+        if end < 0:
+            return []
+        chunk = self._buffer[: end + 1]
+        if b"\0" in chunk:
+            return []
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            return []
+        lines = text.split("\n")
+        lines.pop()  # the "" after the last "\n"
+        limit = self._max_line
+        # Lengths in bytes, as `_next_line` counts them; the text is longer than a line's
+        # limit in characters only if some line might be too long in bytes.
+        if len(chunk) > limit and any(
+            len(line.encode()) > limit + line.endswith("\r") for line in lines
+        ):
+            return []
+        del self._buffer[: end + 1]
+        self._scanned = 0
+        return [line[:-1] if line.endswith("\r") else line for line in lines]
 
     def _next_line(self) -> str | None:
         end = self._buffer.find(b"\n", self._scanned)
