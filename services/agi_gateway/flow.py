@@ -6,8 +6,8 @@ in the same session up to `max_hops`. Whatever fails, the call leaves with a dec
 who hangs up gets `hangup`, anything the gateway cannot run gets `config_error` and the fallback.
 
 While the flow waits for the identification reply it does not talk to Asterisk, so it races
-the reply against the session's hang-up event (a hang-up cancels the pending request) and
-against the server's abort event (set when a drain runs out of time: the call takes its
+the reply against the session's hang-up future (a hang-up cancels the pending request) and
+against the server's abort future (done when a drain runs out of time: the call takes its
 failover destination instead of being cut off).
 """
 
@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agi_gateway.collect import CommandRefused, PromptMissing, collect_entry
 from agi_gateway.commands import SetMusic
@@ -95,7 +96,7 @@ class CallFlow:
         self._clock = clock
         self._monotonic = monotonic
 
-    async def handle(self, session: AgiSession, abort: asyncio.Event) -> Decision:
+    async def handle(self, session: AgiSession, abort: asyncio.Future[None]) -> Decision:
         """Run one call to its decision and hand the decision to Asterisk."""
         started = self._monotonic()
         env = (await session.environment(self._settings.environment_timeout)).variables
@@ -135,7 +136,11 @@ class CallFlow:
             await apply_decision(session, decision, self._settings.jumps)
 
     async def _run(
-        self, session: AgiSession, env: Mapping[str, str], node_id: str | None, abort: asyncio.Event
+        self,
+        session: AgiSession,
+        env: Mapping[str, str],
+        node_id: str | None,
+        abort: asyncio.Future[None],
     ) -> tuple[Decision, str]:
         answered = False
         for _hop in range(self._settings.max_hops + 1):
@@ -167,7 +172,7 @@ class CallFlow:
         session: AgiSession,
         env: Mapping[str, str],
         node: NodeConfig,
-        abort: asyncio.Event,
+        abort: asyncio.Future[None],
         *,
         answer: bool,
     ) -> Decision:
@@ -184,7 +189,7 @@ class CallFlow:
         env: Mapping[str, str],
         node: NodeConfig,
         customer_id: str,
-        abort: asyncio.Event,
+        abort: asyncio.Future[None],
     ) -> Decision:
         request = IdentifyRequest(
             request_id=uuid.uuid4().hex,
@@ -196,12 +201,12 @@ class CallFlow:
         )
         started = self._monotonic()
         reply_task = asyncio.ensure_future(self._identifier.identify(request))
-        hangup_task = asyncio.ensure_future(session.hangup.wait())
-        abort_task = asyncio.ensure_future(abort.wait())
         music = False
         try:
             limit = node.crm_timeout + self._settings.deadline_slack
-            waiting = {reply_task, hangup_task, abort_task}
+            # The hang-up and the abort are futures shared with others: waited on, never
+            # cancelled here.
+            waiting: set[asyncio.Future[Any]] = {reply_task, session.hangup, abort}
             if node.hold_music_after is not None and node.hold_music_after < limit:
                 done, _ = await asyncio.wait(
                     waiting, timeout=node.hold_music_after, return_when=asyncio.FIRST_COMPLETED
@@ -214,11 +219,11 @@ class CallFlow:
                 waiting, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            for task in (reply_task, hangup_task, abort_task):
-                task.cancel()
-            await asyncio.wait([reply_task, hangup_task, abort_task])
+            if not reply_task.done():
+                reply_task.cancel()
+                await asyncio.wait([reply_task])
         self._metrics.identification_wait.labels(node.name).observe(self._monotonic() - started)
-        if hangup_task.done() and not hangup_task.cancelled():
+        if session.hung_up:
             session.raise_if_broken()
             raise CallerHungUp("hung up while waiting for the CRM")
         if music:

@@ -39,7 +39,8 @@ class AgiServer:
         self._command_timeout = command_timeout
         self._server: asyncio.Server | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        self._abort = asyncio.Event()
+        # Done when a drain runs out of time; the flows waiting for the CRM race it.
+        self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._draining = False
 
     @property
@@ -90,7 +91,7 @@ class AgiServer:
             # Nothing can be routed on this socket any more.
             log.debug("AGI session ended early: %s", exc)
         finally:
-            await session.close()
+            session.close()
             self._metrics.sessions_live.dec()
             self._calls.discard(task)
 
@@ -104,7 +105,8 @@ class AgiServer:
             await asyncio.wait(set(self._calls), timeout=timeout)
         if self._calls:
             log.warning("drain timeout: %d calls take their failover now", len(self._calls))
-            self._abort.set()
+            if not self._abort.done():
+                self._abort.set_result(None)
             await asyncio.wait(set(self._calls), timeout=ABORT_GRACE)
         for task in set(self._calls):
             task.cancel()

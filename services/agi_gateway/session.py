@@ -20,7 +20,7 @@ Exception tree raised by `AgiSession`:
     └── AgiPeerError        the peer broke the protocol (wraps protocol.AgiProtocolError)
 
 Asterisk keeps a channel up for as long as a FastAGI server keeps its socket open, so `close()`
-is called on every path by the server.
+is called on every path by the server; it does not wait for the socket to be gone.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from agi_gateway.protocol import (
 log = logging.getLogger(__name__)
 
 DEAD_CHANNEL = 511
+CLOSE_GRACE = 5.0  # seconds a closed session's unsent bytes may wait for a peer that is slow
 
 
 class AgiSessionError(Exception):
@@ -83,7 +84,6 @@ class AgiSession(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self._environment: asyncio.Future[Environment] = loop.create_future()
-        self._closed: asyncio.Future[None] = loop.create_future()
         self._replies: deque[Reply] = deque()
         # Commands written whose reply has not been taken yet. Asterisk answers each command
         # exactly once, so more replies than this is a peer that is not Asterisk: refusing
@@ -95,7 +95,9 @@ class AgiSession(asyncio.Protocol):
         self._wanted = 0
         self._writable: asyncio.Future[None] | None = None  # set while the transport is paused
         self._ended: AgiSessionError | None = None  # EOF or protocol error: no reply will come
-        self.hangup = asyncio.Event()  # set on HANGUP or EOF; the flow races long waits on it
+        # Done on HANGUP or EOF; the flow races long waits on it (a future, not an Event: it
+        # goes into asyncio.wait as it is, with no task wrapped around it).
+        self.hangup: asyncio.Future[None] = loop.create_future()
 
     # --- asyncio.Protocol: called by the event loop -------------------------------------
 
@@ -133,8 +135,6 @@ class AgiSession(asyncio.Protocol):
             self._end(CallerHungUp(reason))
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
-        if not self._closed.done():
-            self._closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -148,7 +148,7 @@ class AgiSession(asyncio.Protocol):
 
     @property
     def hung_up(self) -> bool:
-        return self.hangup.is_set()
+        return self.hangup.done()
 
     def raise_if_broken(self) -> None:
         """Raise AgiPeerError if the session ended because the peer broke the protocol.
@@ -203,7 +203,7 @@ class AgiSession(asyncio.Protocol):
         except TimeoutError:
             raise AgiTimeout(f"{names}: no reply within {limit:g} s") from None
         if any(reply.code == DEAD_CHANNEL for reply in replies):
-            self.hangup.set()
+            self._hang_up()
             raise CallerHungUp(f"{names}: channel is dead (511)")
         return replies
 
@@ -233,7 +233,7 @@ class AgiSession(asyncio.Protocol):
             if not self._environment.done():
                 self._environment.set_result(event)
         elif isinstance(event, HangupNotice):
-            self.hangup.set()
+            self._hang_up()
         # EndOfStream is handled by eof_received.
 
     def _peer_broke(self, exc: AgiProtocolError) -> None:
@@ -243,6 +243,10 @@ class AgiSession(asyncio.Protocol):
         if self._transport is not None:
             self._transport.pause_reading()
 
+    def _hang_up(self) -> None:
+        if not self.hangup.done():
+            self.hangup.set_result(None)
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -251,15 +255,23 @@ class AgiSession(asyncio.Protocol):
         if self._ended is not None:
             return
         self._ended = error
-        self.hangup.set()
+        self._hang_up()
         self._wake()
         if not self._environment.done():
             self._environment.set_exception(error)
             # Nobody may be waiting for it (e.g. a probe that connects and leaves).
             self._environment.exception()
 
-    async def close(self) -> None:
-        """Close the socket; Asterisk then returns from AGI() and runs the dialplan on."""
-        if self._transport is not None:
-            self._transport.close()
-            await self._closed
+    def close(self) -> None:
+        """Close the socket; Asterisk then returns from AGI() and runs the dialplan on.
+
+        The transport sends what is still buffered first. A peer that does not read it within
+        `CLOSE_GRACE` gets the connection aborted: nothing may hold a finished call open.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
