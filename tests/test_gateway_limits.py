@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import agi_gateway.session as session_module
 from agi_gateway.app import Gateway
 from agi_gateway.settings import GatewaySettings
 from tests.waiting import eventually
@@ -371,3 +372,38 @@ async def test_10000_idle_connections_bounded_memory_all_closed_clear_logs(
     others = [line for line in lines if line not in dropped]
     assert len(others) < 20, others[:20]
     assert all(" WARNING " in line for line in dropped)
+
+
+class _Transport:
+    """Just what AgiSession.close() looks at: how much is unsent, close and abort."""
+
+    def __init__(self, unsent: int) -> None:
+        self.unsent = unsent
+        self.closing = False
+        self.aborted = asyncio.Event()
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+async def test_close_never_waits_and_aborts_a_peer_that_leaves_bytes_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() returns at once (it is not a coroutine); a connection whose peer has not read
+    what was written is aborted after CLOSE_GRACE instead of being held open."""
+    monkeypatch.setattr(session_module, "CLOSE_GRACE", 0.01)
+    transport = _Transport(unsent=4096)
+    session = session_module.AgiSession(lambda _: None)
+    session.connection_made(transport)  # type: ignore[arg-type]
+    session.close()
+    assert transport.closing
+    await asyncio.wait_for(transport.aborted.wait(), timeout=2)
