@@ -180,13 +180,14 @@ async def test_a_holder_that_died_delays_others_by_at_most_its_lock_ttl(
     assert sum(r.source is Source.CRM for r in replies) == 2  # the calling process's two
 
 
-async def test_a_miss_costs_two_round_trips_and_a_hit_one(
+async def test_a_miss_costs_two_round_trips_a_hit_one_and_misses_in_a_row_share(
     redis_base_url: str, unique_name: str
 ) -> None:
     """Counting the commands the resolver's Redis client sends (one round trip each: the
     cache sends no pipelines): a miss answered by the CRM is exactly two, `lead` then the
     store + release; a hit is exactly one, `lead`; a miss whose CRM call fails is two too,
-    the second only releasing the lock (nothing is cached)."""
+    the second only releasing the lock (nothing is cached). Under load the settle rides with
+    the next lead, which makes it one round trip per miss."""
     sent: list[str] = []
 
     class CountingConnection(redis.asyncio.Connection):
@@ -231,6 +232,21 @@ async def test_a_miss_costs_two_round_trips_and_a_hit_one(
         assert failed.verdict is Verdict.ERROR
         assert sent == ["EVALSHA", "EVALSHA"]
         assert await raw.exists(cache.key("1", "5151"), cache.flight_key("1", "5151")) == 0
+
+        # Misses in a row: each lead carries the settle still queued before it, so two
+        # misses cost three round trips (the last settle goes alone, here at the flush).
+        cache._settle_delay = 3600.0  # from here on only a lead or the flush sends settles
+        sent.clear()
+        first = await resolver(request("6001", left=2.0))
+        second = await resolver(request("6002", left=2.0))
+        assert sent == ["EVALSHA", "EVALSHA"]
+        await cache.flush()
+        await resolver.close()
+        assert (first.source, second.source) == (Source.CRM, Source.CRM)
+        assert sent == ["EVALSHA", "EVALSHA", "EVALSHA"]
+        for customer in ("6001", "6002"):
+            assert await raw.exists(cache.key("1", customer)) == 1
+            assert await raw.exists(cache.flight_key("1", customer)) == 0
         assert cache.errors == 0
     finally:
         await resolver.close()

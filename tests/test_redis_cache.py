@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -167,6 +168,84 @@ async def test_settle_stores_the_answer_and_releases_the_lock_at_once(
     assert await cache.peek("n1", "12345") == destination(1, 3)
     assert await cache.lead("n1", "12345", 5) == destination(1, 3)
     assert cache.errors == 0
+
+
+@pytest.fixture
+async def slow_settling(
+    redis_base_url: str, unique_name: str, raw: redis.asyncio.Redis
+) -> AsyncIterator[RedisCache]:
+    """A cache whose settles never go on their own within a test: only a lead or a flush
+    sends them."""
+    cache = RedisCache(
+        redis.asyncio.Redis.from_url(redis_base_url),
+        key_prefix=f"{unique_name}:",
+        flight_prefix=f"{unique_name}:flight:",
+        settle_delay=3600.0,
+    )
+    yield cache
+    await cache.close()
+
+
+async def test_queued_settles_ride_with_the_next_lead_and_go_first(
+    slow_settling: RedisCache, raw: redis.asyncio.Redis
+) -> None:
+    """Settles wait for the next lead and are carried out by its script before the lead
+    itself: a lead for a customer just settled finds the answer, and every settle it
+    carried is done, with its answer stored and its own lock gone."""
+    cache = slow_settling
+    first, second = await cache.lead("n1", "100", 5), await cache.lead("n1", "200", 5)
+    assert isinstance(first, Lease)
+    assert isinstance(second, Lease)
+    stored = cache.settle(first, destination(1, 3), 60)
+    released = cache.settle(second)
+    assert not stored.done()
+    assert not released.done()
+    assert await raw.exists(cache.flight_key("n1", "100"), cache.flight_key("n1", "200")) == 2
+
+    assert await cache.lead("n1", "100", 5) == destination(1, 3)
+    assert stored.done()
+    assert released.done()
+    assert await raw.exists(cache.flight_key("n1", "100"), cache.flight_key("n1", "200")) == 0
+    assert await cache.peek("n1", "200") is Flight.FREE
+    assert cache.errors == 0
+
+
+async def test_a_cancelled_lead_queues_its_settles_again(
+    redis_base_url: str, unique_name: str, raw: redis.asyncio.Redis
+) -> None:
+    """Cancelled on the way, a lead cannot tell whether the settles it carried were carried
+    out: they are queued again (a settle is idempotent) and the next flush finishes them."""
+
+    class CancelledOnce(redis.asyncio.Redis):
+        armed = False
+
+        async def evalsha(self, *args: Any) -> Any:  # type: ignore[override]
+            if self.armed:
+                self.armed = False
+                raise asyncio.CancelledError
+            return await super().evalsha(*args)
+
+    client = CancelledOnce.from_url(redis_base_url)
+    cache = RedisCache(
+        client,
+        key_prefix=f"{unique_name}:",
+        flight_prefix=f"{unique_name}:flight:",
+        settle_delay=3600.0,
+    )
+    try:
+        lease = await cache.lead("n1", "7", 5)
+        assert isinstance(lease, Lease)
+        settled = cache.settle(lease, FALSE, 60)
+        client.armed = True
+        with pytest.raises(asyncio.CancelledError):
+            await cache.lead("n1", "8", 5)
+        assert not settled.done()
+        await cache.flush()
+        assert settled.done()
+        assert await cache.fetch("n1", "7") == FALSE
+        assert await raw.exists(cache.flight_key("n1", "7")) == 0
+    finally:
+        await cache.close()
 
 
 @pytest.mark.parametrize(("answer", "ttl"), [(None, 0.0), (TRUE, 0.0), (TRUE, 0.0001)])

@@ -16,6 +16,7 @@ Cache and flight-lock adapters never raise for backend failures: they fail open
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -152,8 +153,11 @@ class FlightLock(Protocol):
         """The cached answer, or whether the lock is still HELD (or FREE, or ERROR)."""
         ...
 
-    async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
+    def settle(
+        self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0
+    ) -> Awaitable[None]:
         """Store `answer` for `ttl` seconds (when given and `ttl` > 0), then give the lock back
         if it is still this lease's (not after it expired and was taken by another), both at
-        once. Failures are counted, not raised: the lock then expires by itself."""
+        once. Done when the awaitable is; an adapter may carry it out a little later, batched
+        with its other calls. Failures are counted, not raised: the lock then expires."""
         ...

@@ -16,7 +16,8 @@ milliseconds at most, never the call. The client built by `from_url` has millise
 and connect timeouts, no retries (redis-py's default retries with backoff and its 5 s
 timeouts do not apply) and no health-check pings. Every call below is one round trip: `fetch`
 is a GET, `put` a SET PX, the flight lock's calls one script or MGET each (EVALSHA; the first
-call of a script on a Redis that does not have it yet adds a SCRIPT LOAD). Any failure —
+call of a script on a Redis that does not have it yet adds a SCRIPT LOAD), settles riding
+with a lead or going in batches. Any failure —
 timeout, refused connection, pool exhausted, unreadable value — makes `fetch` return
 `CacheMiss.ERROR` and `put` do nothing; each one calls `on_error` and counts in `errors`, and
 a warning is logged at most once per `log_every` seconds with the number of failures since
@@ -30,12 +31,16 @@ blocks others at most that long).
 - `lead` is one Lua script, one round trip: the cached answer if there is one, else SET NX PX
   of the lock. It is the resolver's cache read too (it does no GET before it), so a hit costs
   one round trip, and a lease is never granted after the answer was stored.
-- `settle` is one Lua script, one round trip: SET PX of the answer (when there is one to
-  cache; even for a lease that expired, as it is a real CRM answer), then the
-  compare-and-delete of the lock, so a lease that outlived its PX cannot delete the lock a
-  later holder took. A miss answered by the CRM thus costs two round trips (lead, settle);
-  the resolver runs `settle` after its reply. If it fails, nothing is stored and the lock
-  expires by itself.
+- `settle` is Lua too: SET PX of the answer (when there is one to cache; even for a lease
+  that expired, as it is a real CRM answer), then the compare-and-delete of the lock, so a
+  lease that outlived its PX cannot delete the lock a later holder took. It is queued, not
+  sent: the next `lead` carries every queued settle in its own script (settles first), or
+  they go together in one script of their own after `settle_delay` (5 ms), whichever comes
+  first. So a miss answered by the CRM costs two round trips when it is alone (lead, then
+  settle) and one of its own under load, where the next miss's lead carries its settle. The
+  resolver queues `settle` after its reply. If it fails, nothing is stored and the lock
+  expires by itself; a lead cancelled on the way queues its settles again (a settle is
+  idempotent). `close()` sends what is queued first.
 - `peek` is one MGET of (answer, lock): atomic, and `settle` stores and releases atomically,
   so "no answer and no lock" really means the holder let go without storing an answer.
 The two keys of one lookup are different keys: on Redis Cluster they would need a hash tag;
@@ -48,6 +53,7 @@ the Redis error) instead of failing open, because "0 entries purged" would be a 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -71,6 +77,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KEY_PREFIX = "callerid:cache:"
 DEFAULT_FLIGHT_PREFIX = "callerid:flight:"
 _PURGE_BATCH = 500
+# The longest a settle waits for a lead to carry it. Short next to the 10 ms a waiting
+# resolver polls at, long next to the gap between two misses under load.
+SETTLE_DELAY = 0.005
 
 _TRUE = b'{"v":"true"}'
 _FALSE = b'{"v":"false"}'
@@ -81,20 +90,37 @@ _FALSE_ANSWER = CrmAnswer(Verdict.FALSE)
 # and propagates.
 _FAILURES = (RedisError, OSError, TimeoutError, ValueError, KeyError, TypeError)
 
-# KEYS: answer, lock. ARGV: token, PX. Returns the answer, 1 (lease granted) or 0 (held).
-_LEAD = """
+
+# The settles a script carries first: for each (answer, lock) key pair from KEYS[k] on, and
+# (token, answer value or '' for none, answer PX) from ARGV[a] on, store the answer (if any),
+# then delete the lock only if it is still this token's.
+def _settles_from(k: int, a: int) -> str:
+    return f"""
+for i = {k}, #KEYS, 2 do
+  local a = {a} + (i - {k}) / 2 * 3
+  if ARGV[a + 1] ~= '' then redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a + 2]) end
+  if redis.call('GET', KEYS[i + 1]) == ARGV[a] then redis.call('DEL', KEYS[i + 1]) end
+end
+"""
+
+
+# KEYS: answer, lock, then the settles' pairs. ARGV: token, PX, then the settles' triples.
+# Returns the answer, 1 (lease granted) or 0 (held). The settles go first: a lookup of a
+# customer whose answer was just settled finds it.
+_LEAD = (
+    _settles_from(3, 3)
+    + """
 local answer = redis.call('GET', KEYS[1])
 if answer then return answer end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
-# KEYS: answer, lock. ARGV: token, answer value ('' for none), answer PX. Stores the answer
-# (if any), then deletes the lock only if it is still this token's.
-_SETTLE = """
-if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return redis.call('DEL', KEYS[2]) end
-return 0
-"""
+)
+# Only settles (when no lead came to carry them).
+_SETTLE = _settles_from(1, 1) + "return 0\n"
+
+# One settle: its (answer, lock) keys, its (token, value, PX) arguments, and who waits for it.
+_Settle = tuple[list[str], list[Any], "asyncio.Future[None]"]
 
 
 class CacheUnavailable(Exception):
@@ -112,6 +138,7 @@ class RedisCache:
         pepper: str = "",
         log_every: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        settle_delay: float = SETTLE_DELAY,
     ) -> None:
         if key_prefix == flight_prefix:
             raise ValueError("the answer and flight-lock key prefixes must differ")
@@ -127,6 +154,10 @@ class RedisCache:
         self._last_log: float | None = None
         self._unlogged = 0
         self.errors = 0
+        self._settle_delay = settle_delay
+        self._settles: list[_Settle] = []  # waiting for a lead to carry them
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # settles sent on their own
 
     @classmethod
     def from_url(
@@ -201,11 +232,25 @@ class RedisCache:
 
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
         token = secrets.token_hex(8)
+        settles = self._take_settles()
+        keys = self._keys(node_id, customer_id)
+        args: list[Any] = [token, max(1, int(ttl * 1000))]
+        for settle_keys, settle_args, _ in settles:
+            keys += settle_keys
+            args += settle_args
         try:
-            found = await self._lead(
-                keys=self._keys(node_id, customer_id),
-                args=[token, max(1, int(ttl * 1000))],
-            )
+            found = await self._lead(keys=keys, args=args)
+        except _FAILURES as exc:
+            self._failed("flight lock", exc)
+            _settled(settles)  # failed with it: their locks expire by themselves
+            return Flight.ERROR
+        except asyncio.CancelledError:
+            # Sent or not, nobody knows: queue them again. A settle is idempotent (the same
+            # SET, and a delete only of its own token), so carrying one out twice is harmless.
+            self._queue(settles, again=True)
+            raise
+        _settled(settles)
+        try:
             if isinstance(found, bytes | str):
                 return _decode(found)
             return Lease(node_id, customer_id, token) if found == 1 else Flight.HELD
@@ -223,16 +268,66 @@ class RedisCache:
             self._failed("flight lock", exc)
             return Flight.ERROR
 
-    async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
+    def settle(
+        self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0
+    ) -> asyncio.Future[None]:
+        """Queue the store-and-release; the returned future is done once it has been carried
+        out (or has failed: counted, and the lock expires by itself).
+
+        It rides with the next `lead` of this cache, in the same script and round trip, or
+        goes on its own after `settle_delay`, whichever comes first. Under load a miss then
+        costs one round trip of its own instead of two; the lock is held at most
+        `settle_delay` longer, which waiters polling every 10 ms hardly see.
+        """
         ttl_ms = int(ttl * 1000)
         value = _encode(answer) if answer is not None and ttl_ms > 0 else b""
-        try:
-            await self._settle(
-                keys=self._keys(lease.node_id, lease.customer_id),
-                args=[lease.token, value, ttl_ms],
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = self._keys(lease.node_id, lease.customer_id)
+        self._queue([(keys, [lease.token, value, ttl_ms], done)])
+        return done
+
+    def _queue(self, settles: list[_Settle], *, again: bool = False) -> None:
+        if again:  # they were made before the ones queued since: they stay first
+            self._settles[:0] = settles
+        else:
+            self._settles += settles
+        if self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(
+                self._settle_delay, self._send_settles
             )
+
+    async def flush(self) -> None:
+        """Send the queued settles now and wait until every settle sent is finished."""
+        self._send_settles()
+        if self._settling:
+            await asyncio.wait(set(self._settling))
+
+    def _take_settles(self) -> list[_Settle]:
+        settles, self._settles = self._settles, []
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
+        return settles
+
+    def _send_settles(self) -> None:
+        settles = self._take_settles()
+        if settles:
+            task = asyncio.get_running_loop().create_task(self._run_settles(settles))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _run_settles(self, settles: list[_Settle]) -> None:
+        keys: list[str] = []
+        args: list[Any] = []
+        for settle_keys, settle_args, _ in settles:
+            keys += settle_keys
+            args += settle_args
+        try:
+            await self._settle(keys=keys, args=args)
         except _FAILURES as exc:
             self._failed("write and flight lock release", exc)
+        finally:
+            _settled(settles)
 
     async def purge(self, node_id: str, customer_id: str | None = None) -> int:
         """Delete one customer's entry, or every entry of a node; return how many went."""
@@ -254,6 +349,7 @@ class RedisCache:
             raise CacheUnavailable(f"purging node {node_id!r}: {exc}") from exc
 
     async def close(self) -> None:
+        await self.flush()
         await self._client.aclose()
 
     def _failed(self, what: str, exc: Exception) -> None:
@@ -273,6 +369,12 @@ class RedisCache:
             exc,
             suppressed,
         )
+
+
+def _settled(settles: list[_Settle]) -> None:
+    for _, _, done in settles:
+        if not done.done():
+            done.set_result(None)
 
 
 def _encode(answer: CrmAnswer) -> bytes:

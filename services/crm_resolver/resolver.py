@@ -33,9 +33,10 @@ Rules chosen here, beyond the design's words:
   lock for the time left to the deadline plus LOCK_MARGIN (so a holder that was killed blocks
   the others at most that long). Identical requests in flight at once share that one round
   trip, hit or miss. Holding the lock, it asks the CRM and replies; storing the answer (if it
-  is cached) and releasing the lock are one round trip (`settle`) run after the reply, in a
-  task this resolver tracks and `close()` waits for (at most `close_timeout`). Errors release
-  the lock the same way, storing nothing. So a hit costs one round trip, a miss two, and the
+  is cached) and releasing the lock are one `settle`, queued after the reply and tracked
+  until it is carried out (`close()` waits for it, at most `close_timeout`); the cache sends
+  it with the next `lead` or within a few ms. Errors release the lock the same way, storing
+  nothing. So a hit costs one round trip, a miss two when alone and one under load, and the
   reply waits for one. A lookup arriving between the reply and the `settle` finds the lock
   held and takes the answer by polling, below.
   If another process holds the lock, this one polls (every `flight_poll` s) for that
@@ -72,10 +73,9 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -213,7 +213,7 @@ class Resolver:
         self._flight_poll = flight_poll
         self._flights: SingleFlight[tuple[str, str], _Resolution] = SingleFlight()
         # Cache writes running after their replies; strong references until they end.
-        self._after: set[asyncio.Task[None]] = set()
+        self._after: set[asyncio.Future[None]] = set()
         self._close_timeout = close_timeout
         self._meters: dict[str, _NodeMeters] = {}
 
@@ -385,13 +385,13 @@ class Resolver:
             if seen is not Flight.HELD:
                 return seen
 
-    def _after_reply(self, work: Coroutine[Any, Any, None]) -> None:
+    def _after_reply(self, work: Awaitable[None]) -> None:
         """Run a cache write in the background: the replies sharing the call do not wait."""
-        task = asyncio.create_task(work)
+        task = asyncio.ensure_future(work)
         self._after.add(task)
         task.add_done_callback(self._written)
 
-    def _written(self, task: asyncio.Task[None]) -> None:
+    def _written(self, task: asyncio.Future[None]) -> None:
         self._after.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # The adapters fail open, so this is a bug; it must not go unnoticed, nor escape.
