@@ -11,11 +11,12 @@ the identifications made; peak RSS from VmHWM (reset at the scenario's start whe
 allows it). Every figure is also given as a ratio to the floor (`bench.floor`) measured in the
 same run, because on a shared 2-core box absolute numbers move with whatever else runs.
 
-Scenarios: floor throughput and one-at-a-time latency; cache-miss throughput over RabbitMQ;
-one call at a time; a steady 200 calls/s of the realistic mix; cache-hit throughput; 1, 2 and
-3 resolvers; misses and hits again with the gateway's cache read off (A/B); embedded mode,
-misses and repeat callers; 5,000 calls held at once with the CRM answering after 3 s; the
-process-per-call AGI baseline (`bench.ppc`).
+Scenarios: floor throughput, then cache-miss throughput over RabbitMQ; floor one-at-a-time
+latency, then the product's one call at a time (each pair back to back, as the VM drifts); a
+steady 200 calls/s of the realistic mix; cache-hit throughput; 1, 2 and 3 resolvers; misses and
+hits again with the gateway's cache read off (A/B); embedded mode, misses and repeat callers;
+5,000 calls held at once with the CRM answering after 3 s; the process-per-call AGI baseline
+(`bench.ppc`).
 """
 
 from __future__ import annotations
@@ -452,6 +453,7 @@ class Runner:
         p = self.params
         with running(self.stack("rabbitmq", resolvers=p.resolvers)) as stack:
             assert stack.crm is not None
+            fleet = stack_fleet(stack)
             with running(
                 Floor(
                     self.workdir / "floor",
@@ -461,6 +463,8 @@ class Runner:
                     workers=p.resolvers,
                 )
             ) as floor:
+                # Each product figure right after its floor counterpart: this VM's speed
+                # drifts within a run, and a ratio of two runs seconds apart drifts least.
                 ffleet = floor.fleet(stack.crm.pid)
                 closed: tuple[Arg, ...] = ("--concurrency", p.concurrency, "--warmup", p.warmup)
                 self.load(
@@ -470,6 +474,7 @@ class Runner:
                         floor, *closed, "--duration", p.floor_duration, "--id-offset", self.ids()
                     ),
                 )
+                self.closed_loop("miss_throughput", fleet, stack, "miss", p.miss_duration)
                 self.load(
                     "floor_latency",
                     ffleet,
@@ -479,14 +484,14 @@ class Runner:
                         *("--id-offset", self.ids()),
                     ),
                 )
-            fleet = stack_fleet(stack)
-            self.closed_loop("miss_throughput", fleet, stack, "miss", p.miss_duration)
+                # After the miss run, as in service: the gateway has learnt that this node's
+                # callers are not in the cache and no longer reads it first.
+                self.one_at_a_time("latency_one_at_a_time", fleet, stack)
             profiler = self.profiler(stack, p.profile_seconds)
             if profiler is not None:
                 # Apart from the measured run: py-spy takes CPU from the 2 cores it samples.
                 seconds = p.profile_seconds + p.warmup + 3
                 self.closed_loop("miss_profiled", fleet, stack, "miss", seconds, during=profiler)
-            self.one_at_a_time("latency_one_at_a_time", fleet, stack)
             self.load(
                 "steady_200",
                 fleet,
