@@ -12,6 +12,8 @@ from typing import cast
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from shared.amqp_coalesce import CoalescingConnection
+
 
 class AmqpLink:
     def __init__(self, url: str, connection_name: str, *, reconnect_interval: float) -> None:
@@ -27,6 +29,7 @@ class AmqpLink:
             self._url,
             client_properties={"connection_name": self._connection_name},
             reconnect_interval=self._reconnect_interval,
+            connection_class=CoalescingConnection,
         )
         channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=on_return_raises

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import (
@@ -131,13 +131,17 @@ class AmqpIdentifier:
             )
             try:
                 async with asyncio.timeout(min(self._publish_timeout, left)):
-                    underlay = await channel.get_underlay_channel()
+                    underlay = cast(
+                        aiormq.Channel, await channel.get_underlay_channel()
+                    )  # has `wait`
                     await underlay.basic_publish(
                         request.model_dump_json().encode(),
                         exchange=self._topology.request_exchange,
                         routing_key=self._topology.routing_key,
                         properties=properties,
                         mandatory=True,
+                        # The confirm is awaited: no drain per frame (see amqp_coalesce).
+                        wait=False,
                     )
             except TimeoutError as exc:
                 if left <= self._publish_timeout:  # the deadline, not the broker, ran out
