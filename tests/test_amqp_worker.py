@@ -14,6 +14,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client import CollectorRegistry
 
+import crm_resolver.amqp_worker as amqp_worker_module
 from agi_gateway.amqp_identifier import AmqpIdentifier
 from agi_gateway.metrics import GatewayMetrics
 from crm_resolver.amqp_worker import AmqpWorker
@@ -262,3 +263,28 @@ async def test_several_workers_share_the_request_queue(
     for worker in workers:
         await worker.stop()
     assert not any(worker.ready for worker in workers)
+
+
+async def test_an_ack_waits_for_the_next_reply_and_goes_out_with_it(
+    amqp_url: str,
+    topology: Topology,
+    admin: AbstractChannel,
+    identifier: AmqpIdentifier,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answered request's ack is queued, not sent: the next reply takes it along. The
+    broker shows it: when the worker's connection drops without stop() (which would send
+    the queued acks), only the request answered last, whose ack was still queued, is
+    redelivered."""
+    monkeypatch.setattr(amqp_worker_module, "ACK_DELAY", 3600.0)
+    worker = worker_for(amqp_url, topology, Handler())
+    await worker.start()
+    for _ in range(2):
+        reply = await identifier.identify(request(budget=5.0))
+        assert reply.verdict is Verdict.TRUE
+
+    await worker._link.close()  # the connection drops: no stop(), no flush
+    async with asyncio.timeout(5):  # the broker requeues what the dropped channel left unacked
+        while await ready_messages(admin, topology.request_queue) == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert await ready_messages(admin, topology.request_queue) == 1

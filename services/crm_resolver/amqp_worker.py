@@ -14,13 +14,20 @@ Per message (delivery is at-least-once; handlers are idempotent):
 - Otherwise `await handler(request)`, publish the reply to `reply_to` with publisher confirms,
   and only then ack. If the reply cannot be published, the request is requeued while its
   deadline still leaves time (another worker may manage), else acked and dropped.
-- A handler that raises (a bug) gets an `internal` error envelope sent for it.
+- A handler that raises (a bug) gets an `internal` error envelope sent for it; a bug in this
+  module rejects the message (no requeue) rather than leave it unacked.
+
+Acks are queued, not sent at once: the next reply publish takes them along (one send to the
+broker for the acks and the reply), or they go on their own after ACK_DELAY (5 ms). A resolver
+that dies in between gets its requests redelivered and answered again; the gateway drops the
+second reply as late. Replies and acks are published without aiormq's per-frame drain, so the
+frames of one loop turn leave in one send (`shared.amqp_coalesce`).
 
 Concurrency: aiormq starts a task per delivery, so up to `prefetch` handlers run at once.
 
 Stop: cancel the consumer (no new deliveries), wait for in-flight handlers to finish and their
-replies to be published and acked (bounded by `drain_timeout`), then close. Anything still unacked
-when the channel closes goes back to the queue for another worker.
+replies to be published (bounded by `drain_timeout`), send the queued acks, then close.
+Anything still unacked when the channel closes goes back to the queue for another worker.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 import aio_pika
 import aiormq
@@ -51,6 +59,7 @@ from shared.topology import DEAD_REASON_HEADER, JSON, TRANSIENT, Topology
 log = logging.getLogger(__name__)
 
 MIN_REPLY_WAIT = 0.05  # seconds granted to a reply publish even when the deadline is near
+ACK_DELAY = 0.005  # the longest an ack waits for a reply to go out with
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
 
 
@@ -79,6 +88,9 @@ class AmqpWorker:
         self._dead_letters: AbstractExchange | None = None
         self._consumer_tag: ConsumerTag | None = None
         self._in_flight = 0
+        self._acks: list[tuple[aiormq.abc.AbstractChannel, int]] = []  # see _ack_soon
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._acking: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -114,6 +126,7 @@ class AmqpWorker:
             log.warning(
                 "stopping with %d requests in flight: they will be redelivered", self._in_flight
             )
+        await self._flush_acks()
         await self._link.close()
 
     @property
@@ -123,43 +136,47 @@ class AmqpWorker:
 
     @property
     def in_flight(self) -> int:
-        """Requests delivered to this worker and not yet acked or requeued."""
+        """Requests delivered to this worker and not yet settled (an ack may still be queued)."""
         return self._in_flight
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._in_flight += 1
         self._idle.clear()
         try:
-            # process() is the safety net for a bug below: the message is rejected, not lost
-            # in limbo; every expected path acks or nacks explicitly first.
-            async with message.process(requeue=False, ignore_processed=True):
-                await self._handle(message)
+            try:
+                requeue = await self._handle(message)
+            except _AMQP_ERRORS:
+                raise
+            except Exception:
+                log.exception("failed to handle a request message")
+                # The safety net for a bug: the message is rejected, not left in limbo.
+                await message.reject(requeue=False)
+                return
+            await self._settle(message, requeue=requeue)
         except _AMQP_ERRORS as exc:
             # The broker went away mid-request (a restart, a network cut): expected, and the
             # unacked request is redelivered to whichever resolver is connected next.
             log.warning("request not finished, broker connection lost: %r", exc)
-        except Exception:
-            log.exception("failed to handle a request message")
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage) -> bool:
+        """Answer, dead-letter or drop one request; True if it should be requeued."""
         try:
             request = IdentifyRequest.model_validate_json(message.body)
         except ValidationError as exc:
             first = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
             await self._dead_letter(message, f"invalid request: {where}: {first['msg']}")
-            return
+            return False
         if not message.reply_to:
             await self._dead_letter(message, "no reply_to")
-            return
+            return False
         if request.deadline <= self._clock():
             self._metrics.expired.labels(self._node_label(request.node_id)).inc()
-            await self._settle(message, requeue=False)
-            return
+            return False
         try:
             reply = await self._handler(request)
         except Exception:
@@ -175,9 +192,8 @@ class AmqpWorker:
                 exc,
                 "requeueing the request" if retry else "dropping it: its deadline has passed",
             )
-            await self._settle(message, requeue=retry)
-            return
-        await self._settle(message, requeue=False)
+            return retry
+        return False
 
     async def _reply(
         self, message: AbstractIncomingMessage, reply_to: str, reply: IdentifyReply, deadline: float
@@ -189,7 +205,9 @@ class AmqpWorker:
         async with asyncio.timeout(max(MIN_REPLY_WAIT, deadline - self._clock())):
             # aiormq's publish under aio-pika's robust channel, as the gateway publishes: the
             # same frames and confirm, without building an aio_pika.Message for every reply.
-            underlay = await channel.get_underlay_channel()
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())  # has `wait`
+            # The acks waiting go out with this reply: one send to the broker for all of them.
+            await self._send_acks(self._take_acks())
             await underlay.basic_publish(
                 body,
                 exchange="",
@@ -201,6 +219,8 @@ class AmqpWorker:
                 ),
                 # Not mandatory: a reply whose caller has gone is unroutable by design.
                 mandatory=False,
+                # The confirm is awaited: no drain per frame (see shared/amqp_coalesce.py).
+                wait=False,
             )
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
@@ -222,14 +242,54 @@ class AmqpWorker:
         except _AMQP_ERRORS as exc:
             # Requeueing a poison message would loop it; losing it is the lesser harm.
             log.error("could not dead-letter a message (%s): %r; dropping it", reason, exc)
-        await self._settle(message, requeue=False)
 
     async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        if not requeue:
+            self._ack_soon(message)
+            return
         try:
-            if requeue:
-                await message.nack(requeue=True)
-            else:
-                await message.ack()
+            await message.nack(requeue=True)
         except _AMQP_ERRORS as exc:
             # The channel is gone: the broker requeues every unacked message by itself.
-            log.info("could not settle a request message (%r); the broker will redeliver", exc)
+            log.info("could not requeue a request message (%r); the broker will redeliver", exc)
+
+    def _ack_soon(self, message: AbstractIncomingMessage) -> None:
+        """Queue the ack: it goes out with the next reply, or after ACK_DELAY on its own.
+
+        An ack needs no answer, so it can wait for a frame going the same way: the resolver
+        then makes one send to the broker per request instead of two. If this process dies
+        in the meantime the request is redelivered and answered twice; the gateway drops the
+        second reply as late, and handlers are idempotent.
+        """
+        assert message.delivery_tag is not None  # consumed with acks: always tagged
+        self._acks.append((message.channel, message.delivery_tag))
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._acks_due)
+
+    def _take_acks(self) -> list[tuple[aiormq.abc.AbstractChannel, int]]:
+        acks, self._acks = self._acks, []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        return acks
+
+    def _acks_due(self) -> None:
+        self._ack_timer = None
+        task = asyncio.get_running_loop().create_task(self._send_acks(self._take_acks()))
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _send_acks(self, acks: list[tuple[aiormq.abc.AbstractChannel, int]]) -> None:
+        for channel, tag in acks:
+            if channel.is_closed:
+                continue  # a tag is only valid on its channel; the broker requeued these
+            try:
+                # No drain per ack: the frames of this turn leave together.
+                await cast(aiormq.Channel, channel).basic_ack(tag, wait=False)
+            except _AMQP_ERRORS as exc:
+                log.info("could not ack a request message (%r); the broker will redeliver", exc)
+
+    async def _flush_acks(self) -> None:
+        await self._send_acks(self._take_acks())
+        if self._acking:
+            await asyncio.wait(set(self._acking))
