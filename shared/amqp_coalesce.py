@@ -3,10 +3,11 @@
 aiormq's writer task hands every frame (a publish, an ack) to the transport with its own
 `write`, which on loopback or a LAN is one system call each and one more wake-up of RabbitMQ.
 Under load a gateway publishes several requests, and a resolver acks and replies to several
-messages, in the same loop turn: holding the turn's writes and handing them over together at
-the end of the turn costs one `call_soon` and saves a send() per frame after the first. Order
-is kept (one buffer, flushed in order) and nothing waits past the current turn; `drain()` and
-`close()` flush first, so aiormq's "write the Close frame, drain, return" still sends it.
+messages, in the same loop turn. The turn's first frame is written at once (a lone frame, as at
+one call at a time, waits for nothing); the ones after it are held and handed over together at
+the end of the turn: one `call_soon` a turn, and two sends a turn instead of one per frame.
+Order is kept and nothing waits past the current turn; `drain()` and `close()` flush first, so
+aiormq's "write the Close frame, drain, return" still sends it.
 
 Callers that want their frames batched publish and ack with `wait=False`: aiormq's default
 (`wait=True`) drains after every frame, which flushes the turn's writes at once (and, for a
@@ -39,12 +40,23 @@ class CoalescingWriter(asyncio.StreamWriter):
     ) -> None:
         super().__init__(transport, protocol, reader, loop)
         self._turn_loop = loop
+        self._turn_open = False  # something was written in this loop turn
         self._held: list[bytes] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._held:
-            self._turn_loop.call_soon(self.flush)
-        self._held.append(bytes(data))
+        if self._turn_open:
+            self._held.append(bytes(data))
+            return
+        # The turn's first frame goes at once: a lone frame (one call at a time) waits for
+        # nothing; what follows it in the same turn is held and leaves together.
+        self._turn_open = True
+        self._turn_loop.call_soon(self._end_turn)
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _end_turn(self) -> None:
+        self._turn_open = False
+        self.flush()
 
     def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
         for chunk in data:

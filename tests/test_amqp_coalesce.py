@@ -36,17 +36,18 @@ def writer_over(transport: Transport) -> CoalescingWriter:
     return CoalescingWriter(transport, protocol, reader, loop)
 
 
-async def test_one_turns_writes_leave_in_one_write_in_order() -> None:
+async def test_a_turns_first_frame_goes_at_once_and_the_rest_together_in_order() -> None:
     transport = Transport()
     writer = writer_over(transport)
+    writer.write(b"publish-1")
+    assert transport.writes == [b"publish-1"]  # nothing to wait for
     writer.write(b"ack-1;")
-    writer.writelines([b"ack-2;", bytearray(b"publish;")])
-    assert transport.writes == []  # held until the end of this turn
+    writer.writelines([b"ack-2;", bytearray(b"publish-2;")])
+    assert transport.writes == [b"publish-1"]  # held until the end of this turn
     await asyncio.sleep(0)  # the next turn
-    assert transport.writes == [b"ack-1;ack-2;publish;"]
+    assert transport.writes == [b"publish-1", b"ack-1;ack-2;publish-2;"]
     writer.write(b"next")
-    await asyncio.sleep(0)
-    assert transport.writes == [b"ack-1;ack-2;publish;", b"next"]
+    assert transport.writes == [b"publish-1", b"ack-1;ack-2;publish-2;", b"next"]
     writer.close()
 
 
@@ -54,12 +55,13 @@ async def test_drain_and_close_send_what_is_held_first() -> None:
     """aiormq writes its Close frame, drains and returns: the frame must not stay behind."""
     transport = Transport()
     writer = writer_over(transport)
+    writer.write(b"first")
     writer.write(b"frame")
     await writer.drain()
-    assert transport.writes == [b"frame"]
+    assert transport.writes == [b"first", b"frame"]
     writer.write(b"close")
     writer.close()
-    assert transport.writes == [b"frame", b"close"]
+    assert transport.writes == [b"first", b"frame", b"close"]
     assert transport.closed
     await asyncio.sleep(0)  # the turn's scheduled flush finds nothing left to send
-    assert transport.writes == [b"frame", b"close"]
+    assert transport.writes == [b"first", b"frame", b"close"]
