@@ -69,7 +69,10 @@ class Params:
     prewarm_calls: int = 1000  # covers all HIT_POOL ids but ~1 (random picks)
     scaling_duration: float = 15.0
     max_resolvers: int = 3
-    resolvers: int = 3
+    # Resolver processes (and floor workers) of the main scenarios: one, on this 2-core box
+    # that the gateway, RabbitMQ, Redis, the CRM and the load generator share. The
+    # resolvers_1..3 rows show what more processes cost here.
+    resolvers: int = 1
     embedded_duration: float = 20.0
     held_calls: int = 5000
     # This box cannot start 5,000 calls within 3 s (~2.5 ms of CPU each, load generator
