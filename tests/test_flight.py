@@ -235,7 +235,7 @@ async def test_a_miss_costs_two_round_trips_a_hit_one_and_misses_in_a_row_share(
 
         # Misses in a row: each lead carries the settle still queued before it, so two
         # misses cost three round trips (the last settle goes alone, here at the flush).
-        cache._settle_delay = 3600.0  # from here on only a lead or the flush sends settles
+        cache._settles.delay = 3600.0  # from here on only a lead or the flush sends settles
         sent.clear()
         first = await resolver(request("6001", left=2.0))
         second = await resolver(request("6002", left=2.0))

@@ -50,6 +50,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
+from crm_resolver.batch import Batch
 from crm_resolver.metrics import ResolverMetrics
 from shared.amqp_link import AmqpLink
 from shared.messages import IdentifyReply, IdentifyRequest
@@ -91,9 +92,9 @@ class AmqpWorker:
         self._dead_letters: AbstractExchange | None = None
         self._consumer_tag: ConsumerTag | None = None
         self._in_flight = 0
-        self._acks: list[tuple[aiormq.abc.AbstractChannel, int]] = []  # see _ack_soon
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._acking: set[asyncio.Task[None]] = set()
+        self._acks: Batch[tuple[aiormq.abc.AbstractChannel, int]] = Batch(
+            ACK_DELAY, self._send_acks
+        )  # see _ack_soon
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -129,7 +130,7 @@ class AmqpWorker:
             log.warning(
                 "stopping with %d requests in flight: they will be redelivered", self._in_flight
             )
-        await self._flush_acks()
+        await self._acks.flush()
         await self._link.close()
 
     @property
@@ -210,7 +211,7 @@ class AmqpWorker:
             # same frames and confirm, without building an aio_pika.Message for every reply.
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())  # has `wait`
             # The acks waiting go out with this reply: one send to the broker for all of them.
-            await self._send_acks(self._take_acks())
+            await self._send_acks(self._acks.take())
             await underlay.basic_publish(
                 body,
                 exchange="",
@@ -265,22 +266,7 @@ class AmqpWorker:
         second reply as late, and handlers are idempotent.
         """
         assert message.delivery_tag is not None  # consumed with acks: always tagged
-        self._acks.append((message.channel, message.delivery_tag))
-        if self._ack_timer is None:
-            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._acks_due)
-
-    def _take_acks(self) -> list[tuple[aiormq.abc.AbstractChannel, int]]:
-        acks, self._acks = self._acks, []
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        return acks
-
-    def _acks_due(self) -> None:
-        self._ack_timer = None
-        task = asyncio.get_running_loop().create_task(self._send_acks(self._take_acks()))
-        self._acking.add(task)
-        task.add_done_callback(self._acking.discard)
+        self._acks.add([(message.channel, message.delivery_tag)])
 
     async def _send_acks(self, acks: list[tuple[aiormq.abc.AbstractChannel, int]]) -> None:
         for channel, tag in acks:
@@ -291,8 +277,3 @@ class AmqpWorker:
                 await cast(aiormq.Channel, channel).basic_ack(tag, wait=False)
             except _AMQP_ERRORS as exc:
                 log.info("could not ack a request message (%r); the broker will redeliver", exc)
-
-    async def _flush_acks(self) -> None:
-        await self._send_acks(self._take_acks())
-        if self._acking:
-            await asyncio.wait(set(self._acking))

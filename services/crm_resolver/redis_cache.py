@@ -68,6 +68,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from crm_resolver.batch import Batch
 from crm_resolver.ports import CacheMiss, CrmAnswer, Flight, Lease
 from shared.destination import Destination
 from shared.outcomes import Verdict
@@ -154,10 +155,8 @@ class RedisCache:
         self._last_log: float | None = None
         self._unlogged = 0
         self.errors = 0
-        self._settle_delay = settle_delay
-        self._settles: list[_Settle] = []  # waiting for a lead to carry them
-        self._settle_timer: asyncio.TimerHandle | None = None
-        self._settling: set[asyncio.Task[None]] = set()  # settles sent on their own
+        # Settles waiting for a lead to carry them; after `settle_delay` they go on their own.
+        self._settles: Batch[_Settle] = Batch(settle_delay, self._run_settles)
 
     @classmethod
     def from_url(
@@ -232,7 +231,7 @@ class RedisCache:
 
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
         token = secrets.token_hex(8)
-        settles = self._take_settles()
+        settles = self._settles.take()
         keys = self._keys(node_id, customer_id)
         args: list[Any] = [token, max(1, int(ttl * 1000))]
         for settle_keys, settle_args, _ in settles:
@@ -247,7 +246,7 @@ class RedisCache:
         except asyncio.CancelledError:
             # Sent or not, nobody knows: queue them again. A settle is idempotent (the same
             # SET, and a delete only of its own token), so carrying one out twice is harmless.
-            self._queue(settles, again=True)
+            self._settles.add(settles, first=True)
             raise
         _settled(settles)
         try:
@@ -283,38 +282,12 @@ class RedisCache:
         value = _encode(answer) if answer is not None and ttl_ms > 0 else b""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         keys = self._keys(lease.node_id, lease.customer_id)
-        self._queue([(keys, [lease.token, value, ttl_ms], done)])
+        self._settles.add([(keys, [lease.token, value, ttl_ms], done)])
         return done
-
-    def _queue(self, settles: list[_Settle], *, again: bool = False) -> None:
-        if again:  # they were made before the ones queued since: they stay first
-            self._settles[:0] = settles
-        else:
-            self._settles += settles
-        if self._settle_timer is None:
-            self._settle_timer = asyncio.get_running_loop().call_later(
-                self._settle_delay, self._send_settles
-            )
 
     async def flush(self) -> None:
         """Send the queued settles now and wait until every settle sent is finished."""
-        self._send_settles()
-        if self._settling:
-            await asyncio.wait(set(self._settling))
-
-    def _take_settles(self) -> list[_Settle]:
-        settles, self._settles = self._settles, []
-        if self._settle_timer is not None:
-            self._settle_timer.cancel()
-            self._settle_timer = None
-        return settles
-
-    def _send_settles(self) -> None:
-        settles = self._take_settles()
-        if settles:
-            task = asyncio.get_running_loop().create_task(self._run_settles(settles))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+        await self._settles.flush()
 
     async def _run_settles(self, settles: list[_Settle]) -> None:
         keys: list[str] = []
