@@ -17,11 +17,10 @@ and connect timeouts, no retries (redis-py's default retries with backoff and it
 timeouts do not apply) and no health-check pings. Every call below is one round trip: `fetch`
 is a GET, `put` a SET PX, the flight lock's calls one script or MGET each (EVALSHA; the first
 call of a script on a Redis that does not have it yet adds a SCRIPT LOAD), settles riding
-with a lead or going in batches. Any failure —
-timeout, refused connection, pool exhausted, unreadable value — makes `fetch` return
-`CacheMiss.ERROR` and `put` do nothing; each one calls `on_error` and counts in `errors`, and
-a warning is logged at most once per `log_every` seconds with the number of failures since
-the last one.
+with a lead or going in batches. Any failure — timeout, refused connection, pool exhausted,
+unreadable value — makes `fetch` return `CacheMiss.ERROR` and `put` do nothing; each one
+calls `on_error` and counts in `errors`, and a warning is logged at most once per
+`log_every` seconds with the number of failures since the last one.
 
 Flight lock (DESIGN §7, identical lookups merged across resolver processes): the cache also
 implements `ports.FlightLock`, because the lock is only sound when read together with the
@@ -232,13 +231,12 @@ class RedisCache:
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
         token = secrets.token_hex(8)
         settles = self._settles.take()
-        keys = self._keys(node_id, customer_id)
-        args: list[Any] = [token, max(1, int(ttl * 1000))]
-        for settle_keys, settle_args, _ in settles:
-            keys += settle_keys
-            args += settle_args
+        keys, args = _script_input(settles)
         try:
-            found = await self._lead(keys=keys, args=args)
+            found = await self._lead(
+                keys=[*self._keys(node_id, customer_id), *keys],
+                args=[token, max(1, int(ttl * 1000)), *args],
+            )
         except _FAILURES as exc:
             self._failed("flight lock", exc)
             _settled(settles)  # failed with it: their locks expire by themselves
@@ -290,11 +288,7 @@ class RedisCache:
         await self._settles.flush()
 
     async def _run_settles(self, settles: list[_Settle]) -> None:
-        keys: list[str] = []
-        args: list[Any] = []
-        for settle_keys, settle_args, _ in settles:
-            keys += settle_keys
-            args += settle_args
+        keys, args = _script_input(settles)
         try:
             await self._settle(keys=keys, args=args)
         except _FAILURES as exc:
@@ -342,6 +336,16 @@ class RedisCache:
             exc,
             suppressed,
         )
+
+
+def _script_input(settles: list[_Settle]) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV that carry `settles` in a script, in order."""
+    keys: list[str] = []
+    args: list[Any] = []
+    for settle_keys, settle_args, _ in settles:
+        keys += settle_keys
+        args += settle_args
+    return keys, args
 
 
 def _settled(settles: list[_Settle]) -> None:
