@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from shared.amqp_coalesce import CoalescingConnection
@@ -36,6 +37,14 @@ class AmqpLink:
         )
         self.channel = cast(AbstractRobustChannel, channel)
         return self.channel
+
+    async def publisher(self) -> aiormq.Channel:
+        """aiormq's channel under the robust one, to publish and ack without building an
+        aio_pika.Message each time. The concrete class, whose basic_publish and basic_ack take
+        `wait` (see `shared.amqp_coalesce`). Waits while the robust channel reopens."""
+        channel = self.channel
+        assert channel is not None, "publisher() before open()"
+        return cast(aiormq.Channel, await channel.get_underlay_channel())
 
     @property
     def up(self) -> bool:

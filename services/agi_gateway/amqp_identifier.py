@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, cast
+from typing import Any
 
 import aiormq
 from aio_pika.abc import (
@@ -111,8 +111,6 @@ class AmqpIdentifier:
             raise IdentifyTimeout("the request's deadline had passed before it was sent")
         if not self.ready:
             raise IdentifyUnavailable("not connected to the broker")
-        channel = self._link.channel
-        assert channel is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + left
         correlation_id = request.request_id
@@ -131,9 +129,7 @@ class AmqpIdentifier:
             )
             try:
                 async with asyncio.timeout(min(self._publish_timeout, left)):
-                    underlay = cast(
-                        aiormq.Channel, await channel.get_underlay_channel()
-                    )  # has `wait`
+                    underlay = await self._link.publisher()
                     await underlay.basic_publish(
                         request.model_dump_json().encode(),
                         exchange=self._topology.request_exchange,

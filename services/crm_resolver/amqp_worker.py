@@ -202,14 +202,12 @@ class AmqpWorker:
     async def _reply(
         self, message: AbstractIncomingMessage, reply_to: str, reply: IdentifyReply, deadline: float
     ) -> None:
-        channel = self._link.channel
-        assert channel is not None
         body = reply.model_dump_json().encode()
         # Bounded: past the deadline nobody waits for this reply, so neither should we.
         async with asyncio.timeout(max(MIN_REPLY_WAIT, deadline - self._clock())):
             # aiormq's publish under aio-pika's robust channel, as the gateway publishes: the
             # same frames and confirm, without building an aio_pika.Message for every reply.
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())  # has `wait`
+            underlay = await self._link.publisher()
             # The acks waiting go out with this reply: one send to the broker for all of them.
             await self._send_acks(self._acks.take())
             await underlay.basic_publish(
