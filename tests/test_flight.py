@@ -69,7 +69,9 @@ def request(customer_id: str, left: float) -> IdentifyRequest:
 
 
 @pytest.fixture
-async def processes(redis_base_url: str, unique_name: str) -> AsyncIterator[list[Process]]:
+async def processes(
+    redis_base_url: str, unique_name: str, raw: redis.asyncio.Redis
+) -> AsyncIterator[list[Process]]:
     """Three resolver "processes" on one Redis key space (unique to the test), sharing one
     CRM gate and entry event so that the test can hold whichever one calls the CRM."""
     gate = asyncio.Event()
@@ -90,14 +92,9 @@ async def processes(redis_base_url: str, unique_name: str) -> AsyncIterator[list
         made.append(Process(resolver, cache, crm, registry))
     yield made
     gate.set()
-    raw = redis.asyncio.Redis.from_url(redis_base_url)
     for process in made:
         await process.resolver.close()
         await process.cache.close()
-    keys = [key async for key in raw.scan_iter(match=f"{unique_name}:*", count=1000)]
-    if keys:
-        await raw.unlink(*keys)
-    await raw.aclose()
 
 
 async def test_fifty_identical_requests_over_three_resolvers_make_one_crm_call(
@@ -137,24 +134,20 @@ async def test_fifty_identical_requests_over_three_resolvers_make_one_crm_call(
 
 
 async def test_the_lock_lasts_the_budget_plus_margin_and_is_released(
-    processes: list[Process], redis_base_url: str
+    processes: list[Process], raw: redis.asyncio.Redis
 ) -> None:
     """While a resolver asks the CRM its lock lives for the request's time left plus
     LOCK_MARGIN; after the answer is stored the lock is gone."""
     first = processes[0]
     key = first.cache.flight_key("1", "555")
-    raw = redis.asyncio.Redis.from_url(redis_base_url)
-    try:
-        task = asyncio.create_task(first.resolver(request("555", left=2.0)))
-        await first.crm.entered.wait()
-        assert 1_500 < await raw.pttl(key) <= (2.0 + LOCK_MARGIN) * 1000
-        assert first.crm.gate is not None
-        first.crm.gate.set()
-        assert (await task).source is Source.CRM
-        await first.resolver.close()  # the store and release run after the reply
-        assert await raw.exists(key) == 0
-    finally:
-        await raw.aclose()
+    task = asyncio.create_task(first.resolver(request("555", left=2.0)))
+    await first.crm.entered.wait()
+    assert 1_500 < await raw.pttl(key) <= (2.0 + LOCK_MARGIN) * 1000
+    assert first.crm.gate is not None
+    first.crm.gate.set()
+    assert (await task).source is Source.CRM
+    await first.resolver.close()  # the store and release run after the reply
+    assert await raw.exists(key) == 0
     assert await first.cache.fetch("1", "555") == destination(1, 7)
 
 
@@ -181,7 +174,7 @@ async def test_a_holder_that_died_delays_others_by_at_most_its_lock_ttl(
 
 
 async def test_a_miss_costs_two_round_trips_a_hit_one_and_misses_in_a_row_share(
-    redis_base_url: str, unique_name: str
+    redis_base_url: str, unique_name: str, raw: redis.asyncio.Redis
 ) -> None:
     """Counting the commands the resolver's Redis client sends (one round trip each: the
     cache sends no pipelines): a miss answered by the CRM is exactly two, `lead` then the
@@ -201,7 +194,6 @@ async def test_a_miss_costs_two_round_trips_a_hit_one_and_misses_in_a_row_share(
     metrics = ResolverMetrics(CollectorRegistry())
     metrics.init_nodes(NODES.names())
     resolver = Resolver(lambda: NODES, crm, cache, metrics, flights=cache)
-    raw = redis.asyncio.Redis.from_url(redis_base_url)
     try:
         # Connect, and load the scripts (NOSCRIPT, SCRIPT LOAD) if this Redis lacks them.
         await resolver(request("1", left=2.0))
@@ -251,7 +243,3 @@ async def test_a_miss_costs_two_round_trips_a_hit_one_and_misses_in_a_row_share(
     finally:
         await resolver.close()
         await cache.close()
-        keys = [key async for key in raw.scan_iter(match=f"{unique_name}:*", count=1000)]
-        if keys:
-            await raw.unlink(*keys)
-        await raw.aclose()

@@ -20,17 +20,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def raw(redis_base_url: str, unique_name: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """A plain client to look at what the cache wrote; deletes the test's keys afterwards."""
-    client = redis.asyncio.Redis.from_url(redis_base_url)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{unique_name}:*", count=1000)]
-    if keys:
-        await client.unlink(*keys)
-    await client.aclose()
-
-
-@pytest.fixture
 async def cache(
     redis_base_url: str, unique_name: str, raw: redis.asyncio.Redis
 ) -> AsyncIterator[RedisCache]:
