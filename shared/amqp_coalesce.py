@@ -1,21 +1,27 @@
-"""AMQP frames written in one event-loop turn leave in one send().
+"""AMQP frames that aiormq's writer takes in one go leave in one send().
 
-aiormq's writer task hands every frame (a publish, an ack) to the transport with its own
-`write`, which on loopback or a LAN is one system call each and one more wake-up of RabbitMQ.
-Under load a gateway publishes several requests, and a resolver acks and replies to several
-messages, in the same loop turn. The turn's first frame is written at once (a lone frame, as at
-one call at a time, waits for nothing); the ones after it are held and handed over together at
-the end of the turn: one `call_soon` a turn, and two sends a turn instead of one per frame.
-Order is kept and nothing waits past the current turn; `drain()` and `close()` flush first, so
-aiormq's "write the Close frame, drain, return" still sends it.
+aiormq queues every frame (a publish, an ack) on its connection's `write_queue`, and one writer
+task takes them off and hands each to the transport with its own `write`: on loopback or a LAN
+one system call each, and one more wake-up of RabbitMQ. Under load a gateway publishes several
+requests, and a resolver acks and replies to several messages, before that task runs; it then
+takes them all in one step, without waiting, until the queue is empty.
+
+`CoalescingWriter` holds each frame while the queue still has more for the writer task to take,
+and sends what it holds with the frame that empties the queue: one send per step of the writer
+task. A lone frame (one call at a time) empties the queue, so it waits for nothing. `drain()`
+and `close()` send what is held first, so aiormq's "write the Close frame, drain, return" still
+sends it; and should the writer task ever stop taking frames with some held, they leave at the
+end of the loop turn.
 
 Callers that want their frames batched publish and ack with `wait=False`: aiormq's default
-(`wait=True`) drains after every frame, which flushes the turn's writes at once (and, for a
-publish, holds the channel lock until then).
+(`wait=True`) drains after every frame, which sends at once (and, for a publish, holds the
+channel lock until then).
 
 This plugs in through aiormq's `transport_factory` (a public parameter of its Connection),
-which aio-pika does not pass on by itself: `CoalescingConnection` adds it. Plain `amqp://`
-only; `amqps://` keeps aiormq's own TLS transport.
+which aio-pika does not pass on by itself: `CoalescingConnection` adds it, and points each new
+writer at its connection's `write_queue` once connected. Until then (the handshake, which
+aiormq writes itself) every frame goes at once. Plain `amqp://` only; `amqps://` keeps aiormq's
+own TLS transport.
 """
 
 from __future__ import annotations
@@ -40,22 +46,31 @@ class CoalescingWriter(asyncio.StreamWriter):
     ) -> None:
         super().__init__(transport, protocol, reader, loop)
         self._turn_loop = loop
-        self._turn_open = False  # something was written in this loop turn
+        self._frames: asyncio.Queue[Any] | None = None  # aiormq's write_queue, once connected
         self._held: list[bytes] = []
+        self._flush_scheduled = False
+
+    def follow(self, frames: asyncio.Queue[Any]) -> None:
+        """Hold frames while `frames` (the queue the writer task takes them from) is not empty."""
+        self._frames = frames
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._turn_open:
+        frames = self._frames
+        if frames is not None and not frames.empty():
+            # The writer task takes the next frame without waiting: send them together.
             self._held.append(bytes(data))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._turn_loop.call_soon(self._end_turn)
             return
-        # The turn's first frame goes at once: a lone frame (one call at a time) waits for
-        # nothing; what follows it in the same turn is held and leaves together.
-        self._turn_open = True
-        self._turn_loop.call_soon(self._end_turn)
-        if not self.transport.is_closing():
+        if self._held:
+            self._held.append(bytes(data))
+            self.flush()
+        elif not self.transport.is_closing():
             self.transport.write(data)
 
     def _end_turn(self) -> None:
-        self._turn_open = False
+        self._flush_scheduled = False
         self.flush()
 
     def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -63,7 +78,7 @@ class CoalescingWriter(asyncio.StreamWriter):
             self.write(chunk)
 
     def flush(self) -> None:
-        """Hand what this turn wrote to the transport, in one write."""
+        """Hand what is held to the transport, in one write."""
         if self._held:
             data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
             self._held.clear()
@@ -80,6 +95,9 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 
 class CoalescingTransportFactory(TransportFactory):
+    def __init__(self) -> None:
+        self.writer: CoalescingWriter | None = None  # the latest connection's
+
     async def create(
         self, url: URL, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -93,7 +111,8 @@ class CoalescingTransportFactory(TransportFactory):
             )
         except OSError as exc:
             raise AMQPConnectionError(*exc.args) from exc
-        return reader, CoalescingWriter(transport, protocol, reader, loop)
+        self.writer = CoalescingWriter(transport, protocol, reader, loop)
+        return reader, self.writer
 
 
 class CoalescingConnection(aio_pika.RobustConnection):
@@ -101,5 +120,14 @@ class CoalescingConnection(aio_pika.RobustConnection):
 
     def __init__(self, url: URL, *args: Any, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
+        self._factory: CoalescingTransportFactory | None = None
         if self.url.scheme == "amqp":
-            self.kwargs["transport_factory"] = CoalescingTransportFactory()
+            self._factory = CoalescingTransportFactory()
+            self.kwargs["transport_factory"] = self._factory
+
+    async def _on_connected(self) -> None:
+        # Called after every (re)connect, once aiormq's connection and its writer task exist.
+        factory, transport = self._factory, self.transport
+        if factory is not None and factory.writer is not None and transport is not None:
+            factory.writer.follow(transport.connection.write_queue)
+        await super()._on_connected()
