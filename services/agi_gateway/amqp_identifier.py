@@ -19,11 +19,10 @@ How a call goes:
   and counted in `late_replies`; so is an unparseable reply, which also fails its caller at
   once (`IdentifyUnavailable`) rather than leaving it in silence until the deadline.
 - Direct reply-to is bound to the channel: when the channel or connection drops, replies to
-  requests already sent can never arrive, so those callers fail at once. The robust channel
-  restores the reply consumer on reconnect (the pseudo-queue is declared passively, which
-  RabbitMQ accepts, so its restore re-declares and re-consumes it). Until its reopen callback
-  says the restore is complete, `ready` is false and calls fail at once: RabbitMQ closes a
-  channel that publishes with direct reply-to before consuming from it.
+  requests already sent can never arrive, so those callers fail at once. The link starts the
+  reply consumer again once the robust channel has reopened (`shared.amqp_link`). Until then
+  `ready` is false and calls fail at once: RabbitMQ closes a channel that publishes with direct
+  reply-to before consuming from it.
 """
 
 from __future__ import annotations
@@ -34,9 +33,7 @@ import time
 from typing import Any
 
 import aiormq
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-)
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
@@ -69,7 +66,6 @@ class AmqpIdentifier:
         self._topology = topology
         self._publish_timeout = publish_timeout
         self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
-        self._consuming = False
         self._closed = False
         self._pending: dict[str, asyncio.Future[IdentifyReply]] = {}
         self._bad_replies = 0
@@ -79,26 +75,22 @@ class AmqpIdentifier:
         try:
             channel = await self._link.open(on_return_raises=True)
             channel.close_callbacks.add(self._on_channel_closed)
-            channel.reopen_callbacks.add(self._on_channel_reopened)
             await self._topology.declare(channel)
-            replies = await channel.declare_queue(REPLY_TO, passive=True)
-            await replies.consume(self._on_reply, no_ack=True)
+            await self._link.consume(REPLY_TO, self._on_reply, no_ack=True)
             started = True
         finally:
             if not started:
                 await self._link.close()
-        self._consuming = True
 
     async def close(self) -> None:
         self._closed = True
-        self._consuming = False
         self._fail_pending("the identifier is closing")
         await self._link.close()
 
     @property
     def ready(self) -> bool:
         """Connected, channel open and consuming replies: requests can be answered."""
-        return self._consuming and self._link.up
+        return not self._closed and self._link.consuming and self._link.up
 
     @property
     def pending(self) -> int:
@@ -130,6 +122,8 @@ class AmqpIdentifier:
             try:
                 async with asyncio.timeout(min(self._publish_timeout, left)):
                     underlay = await self._link.publisher()
+                    if not self.ready:  # it waited for a reopen: the reply consumer may lag
+                        raise IdentifyUnavailable("not connected to the broker")
                     await underlay.basic_publish(
                         request.model_dump_json().encode(),
                         exchange=self._topology.request_exchange,
@@ -159,8 +153,8 @@ class AmqpIdentifier:
             if not future.done():
                 future.cancel()
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.get(message.correlation_id or "")
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self._pending.get(message.header.properties.correlation_id or "")
         if future is None or future.done():
             self._metrics.late_replies.inc()
             return
@@ -179,17 +173,7 @@ class AmqpIdentifier:
             return
         future.set_result(reply)
 
-    def _on_channel_reopened(self, _sender: Any) -> None:
-        # Called after the robust channel has restored its queues and consumers, the reply
-        # consumer included: only now may requests naming direct reply-to be published again.
-        if not self._closed:
-            self._consuming = True
-
     def _on_channel_closed(self, _sender: Any, exc: BaseException | None) -> None:
-        # Publishing with reply_to = direct reply-to on a channel that has no reply consumer
-        # (yet) makes RabbitMQ close the channel (PRECONDITION_FAILED), which would also break
-        # the robust channel's restore: no publishing until `_on_channel_reopened`.
-        self._consuming = False
         # Direct reply-to is tied to the channel: nothing sent before this can be answered.
         if self._pending:
             log.warning("broker channel closed (%r): failing %d waiting calls", exc, self.pending)

@@ -41,12 +41,8 @@ from typing import cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import (
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    ConsumerTag,
-)
+from aio_pika.abc import AbstractExchange
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
@@ -88,11 +84,10 @@ class AmqpWorker:
         self._clock = clock
         self._node_label = node_label
         self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
-        self._queue: AbstractQueue | None = None
         self._dead_letters: AbstractExchange | None = None
-        self._consumer_tag: ConsumerTag | None = None
+        self._consuming = False  # until stop() cancels the consumer
         self._in_flight = 0
-        self._acks: Batch[tuple[aiormq.abc.AbstractChannel, int]] = Batch(
+        self._acks: Batch[tuple[aiormq.Channel, int]] = Batch(
             ACK_DELAY, self._send_acks
         )  # see _ack_soon
         self._idle = asyncio.Event()
@@ -104,20 +99,19 @@ class AmqpWorker:
             channel = await self._link.open()
             await channel.set_qos(prefetch_count=self._prefetch)
             declared = await self._topology.declare(channel)
-            self._queue = declared.request_queue
             self._dead_letters = declared.dead_letter_exchange
-            self._consumer_tag = await self._queue.consume(self._on_message)
-            started = True
+            await self._link.consume(declared.request_queue.name, self._on_message)
+            self._consuming = started = True
         finally:
             if not started:
                 await self._link.close()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish the ones in flight (up to `drain_timeout` s), then close."""
-        queue, tag, self._consumer_tag = self._queue, self._consumer_tag, None
-        if queue is not None and tag is not None:
+        if self._consuming:
+            self._consuming = False
             try:
-                await queue.cancel(tag)
+                await self._link.cancel_consumers()
             except _AMQP_ERRORS as exc:
                 log.warning("could not cancel the request consumer: %r", exc)
             # Deliveries that arrived before cancel-ok have tasks scheduled but not started:
@@ -136,14 +130,14 @@ class AmqpWorker:
     @property
     def ready(self) -> bool:
         """Connected, channel open and consuming requests."""
-        return self._consumer_tag is not None and self._link.up
+        return self._consuming and self._link.consuming and self._link.up
 
     @property
     def in_flight(self) -> int:
         """Requests delivered to this worker and not yet settled (an ack may still be queued)."""
         return self._in_flight
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -154,7 +148,7 @@ class AmqpWorker:
             except Exception:
                 log.exception("failed to handle a request message")
                 # The safety net for a bug: the message is rejected, not left in limbo.
-                await message.reject(requeue=False)
+                await _channel(message).basic_reject(_tag(message), requeue=False)
                 return
             await self._settle(message, requeue=requeue)
         except _AMQP_ERRORS as exc:
@@ -166,7 +160,7 @@ class AmqpWorker:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _handle(self, message: AbstractIncomingMessage) -> bool:
+    async def _handle(self, message: DeliveredMessage) -> bool:
         """Answer, dead-letter or drop one request; True if it should be requeued."""
         try:
             request = IdentifyRequest.model_validate_json(message.body)
@@ -175,7 +169,8 @@ class AmqpWorker:
             where = ".".join(str(part) for part in first["loc"]) or "body"
             await self._dead_letter(message, f"invalid request: {where}: {first['msg']}")
             return False
-        if not message.reply_to:
+        reply_to = message.header.properties.reply_to
+        if not reply_to:
             await self._dead_letter(message, "no reply_to")
             return False
         if request.deadline <= self._clock():
@@ -187,7 +182,7 @@ class AmqpWorker:
             log.exception("request handler failed for request %s", request.request_id)
             reply = IdentifyReply.failure(request.request_id, ErrorCode.INTERNAL)
         try:
-            await self._reply(message, message.reply_to, reply, request.deadline)
+            await self._reply(message, reply_to, reply, request.deadline)
         except (*_AMQP_ERRORS, TimeoutError) as exc:
             retry = request.deadline > self._clock()
             log.warning(
@@ -200,7 +195,7 @@ class AmqpWorker:
         return False
 
     async def _reply(
-        self, message: AbstractIncomingMessage, reply_to: str, reply: IdentifyReply, deadline: float
+        self, message: DeliveredMessage, reply_to: str, reply: IdentifyReply, deadline: float
     ) -> None:
         body = reply.model_dump_json().encode()
         # Bounded: past the deadline nobody waits for this reply, so neither should we.
@@ -216,7 +211,7 @@ class AmqpWorker:
                 routing_key=reply_to,
                 properties=Basic.Properties(
                     content_type=JSON,
-                    correlation_id=message.correlation_id,
+                    correlation_id=message.header.properties.correlation_id,
                     delivery_mode=TRANSIENT,
                 ),
                 # Not mandatory: a reply whose caller has gone is unroutable by design.
@@ -225,7 +220,7 @@ class AmqpWorker:
                 wait=False,
             )
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _dead_letter(self, message: DeliveredMessage, reason: str) -> None:
         exchange = self._dead_letters
         assert exchange is not None
         self._metrics.dead_lettered.inc()
@@ -234,8 +229,8 @@ class AmqpWorker:
                 aio_pika.Message(
                     message.body,
                     headers={DEAD_REASON_HEADER: reason[:200]},
-                    content_type=message.content_type,
-                    correlation_id=message.correlation_id,
+                    content_type=message.header.properties.content_type,
+                    correlation_id=message.header.properties.correlation_id,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 ),
                 routing_key=self._topology.routing_key,
@@ -245,17 +240,17 @@ class AmqpWorker:
             # Requeueing a poison message would loop it; losing it is the lesser harm.
             log.error("could not dead-letter a message (%s): %r; dropping it", reason, exc)
 
-    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+    async def _settle(self, message: DeliveredMessage, *, requeue: bool) -> None:
         if not requeue:
             self._ack_soon(message)
             return
         try:
-            await message.nack(requeue=True)
+            await _channel(message).basic_nack(_tag(message), requeue=True)
         except _AMQP_ERRORS as exc:
             # The channel is gone: the broker requeues every unacked message by itself.
             log.info("could not requeue a request message (%r); the broker will redeliver", exc)
 
-    def _ack_soon(self, message: AbstractIncomingMessage) -> None:
+    def _ack_soon(self, message: DeliveredMessage) -> None:
         """Queue the ack: it goes out with the next reply, or after ACK_DELAY without one.
 
         An ack needs no answer, so it can wait for a frame going the same way: the resolver
@@ -263,15 +258,26 @@ class AmqpWorker:
         in the meantime the request is redelivered and answered twice; the gateway drops the
         second reply as late, and handlers are idempotent.
         """
-        assert message.delivery_tag is not None  # consumed with acks: always tagged
-        self._acks.add([(message.channel, message.delivery_tag)])
+        self._acks.add([(_channel(message), _tag(message))])
 
-    async def _send_acks(self, acks: list[tuple[aiormq.abc.AbstractChannel, int]]) -> None:
+    async def _send_acks(self, acks: list[tuple[aiormq.Channel, int]]) -> None:
         for channel, tag in acks:
             if channel.is_closed:
                 continue  # a tag is only valid on its channel; the broker requeued these
             try:
                 # No drain per ack: the frames of this turn leave together.
-                await cast(aiormq.Channel, channel).basic_ack(tag, wait=False)
+                await channel.basic_ack(tag, wait=False)
             except _AMQP_ERRORS as exc:
                 log.info("could not ack a request message (%r); the broker will redeliver", exc)
+
+
+def _channel(message: DeliveredMessage) -> aiormq.Channel:
+    """The channel a request came on, the only one its delivery tag is valid on: aiormq's
+    concrete class, whose basic_ack takes `wait`."""
+    return cast(aiormq.Channel, message.channel)
+
+
+def _tag(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    assert tag is not None  # a delivery to a consumer with acks: always tagged
+    return tag
