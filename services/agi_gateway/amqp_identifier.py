@@ -115,6 +115,8 @@ class AmqpIdentifier:
                 content_type=JSON,
                 delivery_mode=TRANSIENT,
                 correlation_id=correlation_id,
+                # Unique already; else aiormq would make up a random one for every publish.
+                message_id=correlation_id,
                 reply_to=REPLY_TO,
                 # RabbitMQ drops the request once the caller has stopped waiting for it.
                 expiration=str(max(1, int(left * 1000))),
