@@ -28,19 +28,23 @@ class Transport(asyncio.WriteTransport):
         return 0
 
 
-def writer_over(transport: Transport) -> CoalescingWriter:
+def writer_over(
+    transport: Transport, frames: asyncio.Queue[bytes] | None = None
+) -> CoalescingWriter:
+    """A writer on `transport`, following `frames` as it follows aiormq's write queue."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     protocol.connection_made(transport)
-    return CoalescingWriter(transport, protocol, reader, loop)
+    writer = CoalescingWriter(transport, protocol, reader, loop)
+    if frames is not None:
+        writer.follow(frames)
+    return writer
 
 
 async def test_frames_the_writer_task_takes_in_one_go_leave_in_one_write() -> None:
-    transport = Transport()
-    writer = writer_over(transport)
-    frames: asyncio.Queue[bytes] = asyncio.Queue()
-    writer.follow(frames)
+    transport, frames = Transport(), asyncio.Queue[bytes]()
+    writer = writer_over(transport, frames)
     writer.write(b"publish-1")
     assert transport.writes == [b"publish-1"]  # the queue is empty: nothing to wait for
     for frame in (b"ack-1;", b"ack-2;", b"publish-2;"):
@@ -55,10 +59,8 @@ async def test_frames_the_writer_task_takes_in_one_go_leave_in_one_write() -> No
 
 
 async def test_held_frames_leave_by_the_end_of_the_turn_whatever_the_writer_task_does() -> None:
-    transport = Transport()
-    writer = writer_over(transport)
-    frames: asyncio.Queue[bytes] = asyncio.Queue()
-    writer.follow(frames)
+    transport, frames = Transport(), asyncio.Queue[bytes]()
+    writer = writer_over(transport, frames)
     frames.put_nowait(b"never-taken")
     writer.write(b"a;")
     writer.writelines([b"b;", bytearray(b"c;")])
@@ -80,10 +82,8 @@ async def test_before_the_queue_is_known_every_frame_goes_at_once() -> None:
 
 async def test_drain_and_close_send_what_is_held_first() -> None:
     """aiormq writes its Close frame, drains and returns: the frame must not stay behind."""
-    transport = Transport()
-    writer = writer_over(transport)
-    frames: asyncio.Queue[bytes] = asyncio.Queue()
-    writer.follow(frames)
+    transport, frames = Transport(), asyncio.Queue[bytes]()
+    writer = writer_over(transport, frames)
     frames.put_nowait(b"more")
     writer.write(b"first")
     writer.write(b"frame")
