@@ -40,6 +40,9 @@ _MUSIC_CLASS = re.compile(r"[A-Za-z0-9_\-]+")
 # Nothing MSet's argument splitter gives a meaning to (, " \ ( ) [ ] and = and the old
 # separator |), and no space: Asterisk would keep it, but no value here ever needs one.
 _MSET_VALUE = re.compile(r"[A-Za-z0-9_.:+\-*#@/]*")
+# What could end an argument or a line early: named in the refusal when a value has one.
+_DANGEROUS = re.compile(r'[\r\n\0"\\]')
+_LINE_BREAK = re.compile(r"[\r\n\0]")
 
 MAX_TIMEOUT_MS = 600_000
 MAX_DIGITS = 64
@@ -60,12 +63,13 @@ def _text(field: str, value: object, *, max_len: int, pattern: re.Pattern[str] =
         raise CommandError(f"{field}: must be a string, got {type(value).__name__}")
     if len(value) > max_len:
         raise CommandError(f"{field}: longer than {max_len} characters")
+    # Two matches decide for the values every call sends; only a refusal looks closer.
+    if pattern.fullmatch(value) and (pattern is _SAFE_TEXT or _SAFE_TEXT.fullmatch(value)):
+        return value
     # Checked separately so the message names the actual danger.
-    if any(c in value for c in '\r\n\0"\\'):
+    if _DANGEROUS.search(value):
         raise CommandError(f"{field}: CR, LF, NUL, quote and backslash are not allowed")
-    if not _SAFE_TEXT.fullmatch(value) or not pattern.fullmatch(value):
-        raise CommandError(f"{field}: {value[:40]!r} is not allowed here")
-    return value
+    raise CommandError(f"{field}: {value[:40]!r} is not allowed here")
 
 
 def _int(field: str, value: object, low: int, high: int) -> int:
@@ -93,7 +97,7 @@ class Command:
     def encode(self) -> bytes:
         """The command as one line ending in a single "\\n"."""
         line = " ".join((self.name, *self._arguments()))
-        if any(c in line for c in "\r\n\0"):  # unreachable while the validators hold
+        if _LINE_BREAK.search(line):  # unreachable while the validators hold
             raise CommandError(f"{self.name}: refusing to encode a line break")
         return line.encode("ascii") + b"\n"
 
@@ -245,8 +249,11 @@ class MultiSet(Command):
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise CommandError(f"pairs[{index}]: must be a (name, value) tuple")
             variable, value = pair
-            _text(f"pairs[{index}] name", variable, max_len=MAX_NAME, pattern=_VARIABLE)
-            _text(f"pairs[{index}] value", value, max_len=MAX_VALUE, pattern=_MSET_VALUE)
+            try:
+                _text("name", variable, max_len=MAX_NAME, pattern=_VARIABLE)
+                _text("value", value, max_len=MAX_VALUE, pattern=_MSET_VALUE)
+            except CommandError as exc:  # the pair's place, named only when refused
+                raise CommandError(f"pairs[{index}] {exc}") from None
         if len(self._options()) > MAX_OPTIONS:
             raise CommandError(f"pairs: longer than {MAX_OPTIONS} characters in all")
 

@@ -39,6 +39,9 @@ from types import MappingProxyType
 _EXCERPT = 60
 
 _ENV_NAME = re.compile(r"[a-z0-9_]+")
+# Every line of a block `name: value`, as `_on_env_line` requires of each (names never hold
+# ": ", so a line's first ": " is where its name ends).
+_ENV_BLOCK = re.compile(r"[a-z0-9_]+: [^\n]*(?:\n[a-z0-9_]+: [^\n]*)*")
 # `200 result=<word>[ (<data>)][ endpos=<n>]`. The data is greedy up to the last ")" before an
 # optional endpos, so "200 result=1 (a (b) c)" keeps the inner parentheses. endpos is a sample
 # offset (a C long): at most 18 digits, so int() never meets Python's 4300-digit limit.
@@ -132,7 +135,10 @@ class AgiParser:
         self._buffer += data
         events: list[Event] = []
         try:
-            for clean in self._clean_lines():
+            lines = self._clean_lines()
+            if lines and self._state is _State.ENVIRONMENT:
+                lines = self._take_environment(lines, events)
+            for clean in lines:
                 event = self._on_line(clean)
                 if event is not None:
                     events.append(event)
@@ -206,7 +212,33 @@ class AgiParser:
             return []
         del self._buffer[: end + 1]
         self._scanned = 0
+        if "\r" not in text:  # Asterisk ends its lines with "\n" alone
+            return lines
         return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+    def _take_environment(self, lines: list[str], events: list[Event]) -> list[str]:
+        """The lines after the environment, its event added to `events`, when `lines` hold all
+        of it (up to its blank line) and every line is well formed: one match and one dict
+        for the block that starts every call. Otherwise `lines` as they are, to be taken one
+        by one, which also finds the exact error."""
+        try:
+            end = lines.index("")
+        except ValueError:
+            return lines
+        block = lines[:end]
+        if (
+            self._env  # an earlier chunk started it
+            or not block
+            or len(block) > self._max_env_lines
+            or not _ENV_BLOCK.fullmatch("\n".join(block))
+        ):
+            return lines
+        env = dict(line.split(": ", 1) for line in block)
+        if len(env) != len(block):  # a name sent twice
+            return lines
+        self._state = _State.REPLIES
+        events.append(Environment(MappingProxyType(env)))
+        return lines[end + 1 :]
 
     def _next_line(self) -> str | None:
         end = self._buffer.find(b"\n", self._scanned)
