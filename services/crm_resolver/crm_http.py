@@ -19,9 +19,10 @@ the connector's resolver, on every address a name resolves to. A refusal is CrmU
 logged once per node (and URL) at WARNING: no connection is opened.
 
 Limits:
-- The whole lookup, connection included, ends within `budget` seconds. aiohttp's timeouts
-  are set from it (its 300 s default is never used) and `asyncio.timeout(budget)` is put
-  around everything, because aiohttp rounds timeouts of 5 s and more up to a whole second.
+- The whole lookup, connection included, ends within `budget` seconds: `asyncio.timeout(budget)`
+  is put around everything. aiohttp's own timeouts would round 5 s and more up to a whole
+  second, and cost timers of their own on every request: only its connect timeout is set
+  (`connect_timeout`, capped by the budget); its 300 s default is never used.
 - At most `MAX_BODY` bytes are read: a Content-Length over it is refused before reading, and
   a body without one (chunked, or until close) is read in pieces up to `MAX_BODY + 1`.
 - TLS is always verified against the system store plus `ca_bundle`; redirects are not
@@ -160,9 +161,7 @@ class HttpCrmClient:
         if budget <= 0:
             raise CrmTimeout("no time left for the CRM")
         timeout = aiohttp.ClientTimeout(
-            total=budget,
-            connect=min(self._settings.connect_timeout, budget),
-            sock_read=budget,
+            total=None, connect=min(self._settings.connect_timeout, budget), sock_read=None
         )
         try:
             self._settings.policy.check_url(node.url)
