@@ -26,6 +26,7 @@ error); `crm_http` turns it into `CrmUnreachable`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -111,33 +112,43 @@ class AddressPolicy:
 
     def check_url(self, url: str) -> None:
         """AddressRefused unless the URL's scheme, host and (for an IP literal) address pass."""
-        try:
-            parsed = URL(url)
-        except (ValueError, TypeError):
-            raise AddressRefused("not a valid URL") from None
-        if parsed.scheme not in _SCHEMES:
-            raise AddressRefused(f"scheme {parsed.scheme[:10]!r} is not http or https")
-        host = parsed.host
-        if not host:
-            raise AddressRefused("URL has no host")
-        if not self.host_allowed(host):
-            raise AddressRefused(f"host {host[:80]!r} is not in CALLERID_CRM_ALLOWED_HOSTS")
-        if self.allow_metadata:
-            return
-        if _normal_host(host) in METADATA_NAMES:
-            raise AddressRefused(f"host {host[:80]!r} is a cloud metadata service")
-        try:
-            literal = is_metadata_address(host)
-        except ValueError:
-            return  # a name: its addresses are checked when it is resolved
-        if literal:
-            raise AddressRefused(f"address {host[:80]} is link-local or a metadata service")
+        refusal = _url_refusal(self, url)
+        if refusal is not None:
+            raise AddressRefused(refusal)
 
     def check_address(self, host: str, address: str) -> None:
         if not self.allow_metadata and is_metadata_address(address):
             raise AddressRefused(
                 f"{host[:80]!r} resolves to {address}, a link-local or metadata address"
             )
+
+
+# Every lookup checks its node's URL: the verdict is kept per policy and URL (a few nodes).
+@functools.lru_cache(maxsize=1024)
+def _url_refusal(policy: AddressPolicy, url: str) -> str | None:
+    """Why `policy` refuses `url`, or None."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return "not a valid URL"
+    if parsed.scheme not in _SCHEMES:
+        return f"scheme {parsed.scheme[:10]!r} is not http or https"
+    host = parsed.host
+    if not host:
+        return "URL has no host"
+    if not policy.host_allowed(host):
+        return f"host {host[:80]!r} is not in CALLERID_CRM_ALLOWED_HOSTS"
+    if policy.allow_metadata:
+        return None
+    if _normal_host(host) in METADATA_NAMES:
+        return f"host {host[:80]!r} is a cloud metadata service"
+    try:
+        literal = is_metadata_address(host)
+    except ValueError:
+        return None  # a name: its addresses are checked when it is resolved
+    if literal:
+        return f"address {host[:80]} is link-local or a metadata service"
+    return None
 
 
 class PolicyResolver(AbstractResolver):
