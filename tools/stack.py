@@ -5,8 +5,10 @@ A `Stack` runs the mock CRM, any number of `crm-resolver` processes and one `agi
 answers /readyz, and stops them by PID (a paused process is woken so that SIGTERM can act;
 a stack that fails to start stops what it had started). Its RabbitMQ names carry a unique
 prefix and its cache keys a unique pepper, so several stacks and test runs can share one
-broker and one Redis. Fault tests pause (SIGSTOP), resume and kill single processes, and
-`redis_server` gives them a private Redis they may stop, never the shared one.
+broker and one Redis; `stop` deletes its RabbitMQ queues and exchanges (they are durable, and
+would pile up in the shared broker run after run). Fault tests pause (SIGSTOP), resume and
+kill single processes, and `redis_server` gives them a private Redis they may stop, never the
+shared one.
 
 `expected_decision` says what the default nodes make of the default CRM table's answers, so
 tests can check every call of a load against its inputs.
@@ -17,6 +19,7 @@ operator runs, with the same console scripts and environment variables.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import aio_pika
+
+from shared.topology import Topology
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 30.0
@@ -92,6 +100,33 @@ def redis_server(workdir: Path, port: int | None = None) -> Proc:
         raise
     proc.tcp_port = port
     return proc
+
+
+def delete_topology(amqp_url: str, prefix: str, timeout: float = 5.0) -> bool:
+    """Delete the queues and exchanges a stack with `prefix` declared; False (and a line on
+    stderr) if the broker could not be asked, e.g. a fault test left it stopped."""
+    failure: list[BaseException] = []
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(amqp_url, timeout=timeout)
+        async with connection:
+            await Topology(prefix=prefix).delete(await connection.channel())
+
+    def run() -> None:
+        try:
+            asyncio.run(asyncio.wait_for(delete(), timeout))
+        except Exception as exc:  # reported below: a stop never raises for this
+            failure.append(exc)
+
+    # A thread with its own loop: stop() is also called from async tests and fixtures.
+    thread = threading.Thread(target=run, name=f"delete-{prefix}", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    if failure or thread.is_alive():
+        reason = repr(failure[0]) if failure else "timed out"
+        print(f"stack {prefix}: RabbitMQ topology not deleted: {reason}", file=sys.stderr)
+        return False
+    return True
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -428,10 +463,13 @@ class Stack:
         return gateway + self.resolver_metric("callerid_cache_lookups_total", result=result)
 
     def stop(self) -> None:
-        """Gateway first (it drains), then resolvers, then the CRM; all by PID."""
+        """Gateway first (it drains), then resolvers, then the CRM, all by PID; then the
+        stack's RabbitMQ topology."""
         for proc in [self.gateway, *self.resolver_procs, self.crm]:
             if proc is not None:
                 proc.stop()
+        if self.amqp_url:
+            delete_topology(self.amqp_url, self.prefix)
 
     def __enter__(self) -> Stack:
         return self.start()
