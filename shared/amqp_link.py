@@ -77,8 +77,11 @@ class AmqpLink:
         self._consumers.append(consumer)
 
     async def cancel_consumers(self) -> None:
-        """No new deliveries; those already delivered go on. Raises what aiormq raises."""
+        """No new deliveries; those already delivered go on. Raises what aiormq raises.
+        Nothing to do when nothing consumes (never started, or cancelled already)."""
         consumers, self._consumers = self._consumers, []
+        if not consumers:
+            return
         channel = await self.publisher()
         for consumer in consumers:
             if consumer.tag is not None:

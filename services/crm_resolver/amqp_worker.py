@@ -85,7 +85,6 @@ class AmqpWorker:
         self._node_label = node_label
         self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
         self._dead_letters: AbstractExchange | None = None
-        self._consuming = False  # until stop() cancels the consumer
         self._in_flight = 0
         self._acks: Batch[tuple[aiormq.Channel, int]] = Batch(
             ACK_DELAY, self._send_acks
@@ -101,22 +100,20 @@ class AmqpWorker:
             declared = await self._topology.declare(channel)
             self._dead_letters = declared.dead_letter_exchange
             await self._link.consume(declared.request_queue.name, self._on_message)
-            self._consuming = started = True
+            started = True
         finally:
             if not started:
                 await self._link.close()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, finish the ones in flight (up to `drain_timeout` s), then close."""
-        if self._consuming:
-            self._consuming = False
-            try:
-                await self._link.cancel_consumers()
-            except _AMQP_ERRORS as exc:
-                log.warning("could not cancel the request consumer: %r", exc)
-            # Deliveries that arrived before cancel-ok have tasks scheduled but not started:
-            # let them start, so they are finished here rather than requeued at close.
-            await asyncio.sleep(0)
+        try:
+            await self._link.cancel_consumers()
+        except _AMQP_ERRORS as exc:
+            log.warning("could not cancel the request consumer: %r", exc)
+        # Deliveries that arrived before cancel-ok have tasks scheduled but not started:
+        # let them start, so they are finished here rather than requeued at close.
+        await asyncio.sleep(0)
         try:
             async with asyncio.timeout(drain_timeout):
                 await self._idle.wait()
@@ -130,7 +127,7 @@ class AmqpWorker:
     @property
     def ready(self) -> bool:
         """Connected, channel open and consuming requests."""
-        return self._consuming and self._link.consuming and self._link.up
+        return self._link.consuming and self._link.up
 
     @property
     def in_flight(self) -> int:

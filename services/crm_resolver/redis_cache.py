@@ -194,13 +194,14 @@ class RedisCache:
         )
 
     def key(self, node_id: str, customer_id: str) -> str:
-        return f"{self._prefix}{node_id}:{self._digest(customer_id)}"
+        return self._keys(node_id, customer_id)[0]
 
     def flight_key(self, node_id: str, customer_id: str) -> str:
-        return f"{self._flight_prefix}{node_id}:{self._digest(customer_id)}"
+        return self._keys(node_id, customer_id)[1]
 
     def _keys(self, node_id: str, customer_id: str) -> list[str]:
-        """[answer key, lock key] of one lookup: the KEYS of the flight-lock scripts."""
+        """[answer key, lock key] of one lookup (the KEYS of the flight-lock scripts): one
+        digest, and the only place either key is spelled."""
         digest = self._digest(customer_id)
         return [f"{self._prefix}{node_id}:{digest}", f"{self._flight_prefix}{node_id}:{digest}"]
 
