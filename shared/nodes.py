@@ -48,7 +48,9 @@ class NodeConfig(BaseModel):
     expected_length: int | None = Field(default=None, ge=1, le=30)
     timeout: float = Field(default=5, ge=1, le=60)
     attempts: int = Field(default=1, ge=1, le=20)
-    on_identified: Destination
+    # Required except on crm_destination nodes, where the CRM names the route: OMniLeads saves
+    # those without TRUEDST when the form's "identified" destination is left empty.
+    on_identified: Destination | None = None
     on_not_identified: Destination
 
     # Beyond OMniLeads.
@@ -171,6 +173,11 @@ class NodeConfig(BaseModel):
     def _consistent(self) -> Self:
         if self.interaction is not Interaction.NONE and self.url is None:
             raise ValueError(f"url: required for interaction {self.interaction.value}")
+        if self.on_identified is None and self.interaction is not Interaction.CRM_DESTINATION:
+            raise ValueError(
+                f"on_identified: required for interaction {self.interaction.value}"
+                f" (only {Interaction.CRM_DESTINATION.value} nodes may leave it out)"
+            )
         if self.min_length > self.max_length:
             raise ValueError("min_length: must not exceed max_length")
         return self

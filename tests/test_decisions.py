@@ -89,6 +89,19 @@ def test_verdicts() -> None:
     )
 
 
+def test_true_on_a_destination_node_without_on_identified_is_a_bad_response() -> None:
+    """A crm_destination node saved without TRUEDST has nowhere to send "true": the CRM was to
+    name a destination, so the call fails over as crm_bad_response; other verdicts route."""
+    routed_by_crm = build_node({**BASE, "on_identified": None, "on_error": "5,1"})
+    decision = reply_decision(routed_by_crm, reply(Verdict.TRUE), "1")
+    assert (decision.outcome, decision.source) == (Outcome.CRM_BAD_RESPONSE, Source.FAILOVER)
+    assert decision.destination == Destination(type=5, id=1)
+    false = reply_decision(routed_by_crm, reply(Verdict.FALSE), "1")
+    assert false.destination == Destination(type=1, id=4)
+    routed = reply_decision(routed_by_crm, reply(Verdict.DESTINATION, "2,8"), "1")
+    assert routed.outcome is Outcome.CRM_DESTINATION
+
+
 def test_gateway_enforces_the_allow_list_too() -> None:
     """A destination type the node does not allow is a bad response even if a resolver let it by."""
     decision = reply_decision(FULL, reply(Verdict.DESTINATION, "4,1"), "1")

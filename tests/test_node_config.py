@@ -114,11 +114,23 @@ def test_bad_values_name_node_and_field(changes: dict[str, Any], field: str) -> 
 
 
 def test_required_fields_are_named_when_missing() -> None:
-    """name, audio, on_identified and on_not_identified are required, each named when absent."""
-    for field in ("name", "audio", "on_identified", "on_not_identified"):
+    """name, audio and on_not_identified are required, each named when absent."""
+    for field in ("name", "audio", "on_not_identified"):
         raw = {key: value for key, value in BASE.items() if key != field}
         with pytest.raises(ConfigError, match=rf"node '7': .*{field}: Field required"):
             build_node(raw)
+
+
+@pytest.mark.parametrize("interaction", ["none", "crm_true_false"])
+def test_on_identified_is_required_unless_the_crm_names_the_route(interaction: str) -> None:
+    """Without on_identified only a crm_destination node is valid (OMniLeads saves its type 3
+    without TRUEDST); the others need it, and the message says which interactions may omit it."""
+    raw = {key: value for key, value in BASE.items() if key != "on_identified"}
+    url = {"url": "https://crm.example/x"}
+    with pytest.raises(ConfigError, match="on_identified: required for interaction"):
+        build_node({**raw, "interaction": interaction, **url})
+    routed_by_crm = build_node({**raw, "interaction": "crm_destination", **url})
+    assert routed_by_crm.on_identified is None
 
 
 def test_several_problems_are_reported_together() -> None:

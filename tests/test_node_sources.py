@@ -389,6 +389,26 @@ async def test_bad_hash_names_key_node_and_omnileads_field(
 
 
 @pytest.mark.integration
+async def test_type_3_without_true_destination_loads(
+    oml_redis: tuple[str, aioredis.Redis], redis_source: RedisHashSource
+) -> None:
+    """OMniLeads writes TRUEDST only when the node has an "identified" destination, and a
+    type-3 node (the CRM names the route) needs none: such a hash loads, on_identified unset;
+    a type-2 hash without TRUEDST is still refused, naming the field."""
+    routed_by_crm = dict(GOLD_HASHES["OML:CUSTOMERID:1"], TYPE=3)
+    del routed_by_crm["TRUEDST"]
+    await write_hashes(oml_redis[1], {"OML:CUSTOMERID:1": routed_by_crm})
+    nodes = await redis_source.load()
+    node = nodes.get("1")
+    assert node is not None
+    assert node.on_identified is None
+    assert node.interaction is Interaction.CRM_DESTINATION
+    true_false = dict(routed_by_crm, TYPE=2)
+    await write_hashes(oml_redis[1], {"OML:CUSTOMERID:1": true_false})
+    assert "on_identified (TRUEDST): required" in await redis_error(redis_source)
+
+
+@pytest.mark.integration
 async def test_missing_false_destination_is_named(
     oml_redis: tuple[str, aioredis.Redis], redis_source: RedisHashSource
 ) -> None:

@@ -48,6 +48,10 @@ def reply_decision(node: NodeConfig, reply: IdentifyReply, customer_id: str) -> 
         assert reply.error is not None  # guaranteed by IdentifyReply's validator
         return failover_decision(node, reply.error.outcome, customer_id)
     if reply.verdict is Verdict.TRUE:
+        if node.on_identified is None:
+            # Only a crm_destination node may have no "identified" destination, and its CRM is
+            # meant to name one: a bare "true" there is an answer the node cannot route.
+            return failover_decision(node, Outcome.CRM_BAD_RESPONSE, customer_id)
         return Decision(Outcome.IDENTIFIED, reply.source, node.on_identified, customer_id)
     if reply.verdict is Verdict.FALSE:
         return Decision(Outcome.NOT_IDENTIFIED, reply.source, node.on_not_identified, customer_id)
