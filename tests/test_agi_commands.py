@@ -16,7 +16,9 @@ from agi_gateway.commands import (
     CommandError,
     Exec,
     GetData,
+    GetFullVariable,
     MultiSet,
+    ReadDigits,
     SayDigits,
     SetMusic,
     SetVariable,
@@ -53,6 +55,18 @@ DANGEROUS = ["\r", "\n", "\0", '"', "\\", "a\r\nHANGUP", 'x" "y', "x\\"]
         (
             MultiSet([("__OMLCODCLI", "12345"), ("OML_DEST_TYPE", ""), ("OML_X", "crm")]),
             b'EXEC MSet "__OMLCODCLI=12345,OML_DEST_TYPE=,OML_X=crm"\n',
+        ),
+        (
+            MultiSet([("TIMEOUT(response)", "5.000"), ("TIMEOUT(digit)", "2.500")]),
+            b'EXEC MSet "TIMEOUT(response)=5.000,TIMEOUT(digit)=2.500"\n',
+        ),
+        (
+            ReadDigits("CALLERID_ENTRY", "oml/prompt", 5),
+            b'EXEC Read "CALLERID_ENTRY,oml/prompt,5"\n',
+        ),
+        (
+            GetFullVariable("${CALLERID_ENTRY},${READSTATUS}"),
+            b'GET FULL VARIABLE "${CALLERID_ENTRY},${READSTATUS}"\n',
         ),
         (SetMusic(True), b'SET MUSIC on "default"\n'),
         (SetMusic(True, "jazz-2"), b'SET MUSIC on "jazz-2"\n'),
@@ -113,6 +127,9 @@ STRING_BUILDERS: dict[str, Callable[[str], Command]] = {
     "Exec.options": lambda s: Exec("Goto", s),
     "MultiSet.name": lambda s: MultiSet([(s, "v")]),
     "MultiSet.value": lambda s: MultiSet([("X", s)]),
+    "ReadDigits.variable": lambda s: ReadDigits(s, "p", 5),
+    "ReadDigits.prompt": lambda s: ReadDigits("V", s, 5),
+    "GetFullVariable.expression": lambda s: GetFullVariable(s),
     "SetMusic.music_class": lambda s: SetMusic(True, s),
     "Verbose.message": lambda s: Verbose(s),
 }
@@ -181,6 +198,15 @@ def test_any_text_either_refused_or_exactly_one_safe_line(builder: str, text: st
         lambda: Verbose("m" * 201),
         lambda: Verbose("m", 0),
         lambda: Verbose("m", 5),
+        lambda: ReadDigits("V", "p", 0),
+        lambda: ReadDigits("V", "p", 256),
+        lambda: ReadDigits("V", "a&b", 5),  # Read() plays each of several prompts
+        lambda: ReadDigits("V", "a,b", 5),
+        lambda: ReadDigits("V=1", "p", 5),
+        lambda: GetFullVariable("${CUT(X,a,1)}"),  # functions are not evaluated through here
+        lambda: GetFullVariable("${X"),
+        lambda: GetFullVariable("$[1+1]"),
+        lambda: GetFullVariable(""),
     ],
 )
 def test_out_of_range_and_malformed_arguments_are_refused(build: Callable[[], Command]) -> None:
@@ -211,6 +237,7 @@ def test_multiset_sets_exactly_its_pairs_in_order() -> None:
         ("EMPTY", ""),
         ("EMPTY", "again"),
         ("OML_IDENT_OUTCOME", "crm_destination"),
+        ("TIMEOUT(response)", "5.000"),  # a function: its parentheses stay together
     ]
     assert _mset_pairs(MultiSet(pairs)) == pairs
     many = [(f"V{index}", str(index)) for index in range(99)]
@@ -234,7 +261,9 @@ def test_multiset_sets_exactly_its_pairs_in_order() -> None:
         [("A", "caf\u00e9")],
         [("A", "\x7f")],
         [("A", "v" * 256)],
-        [("TIMEOUT(digit)", "3")],
+        [("TIMEOUT(digit,x)", "3")],
+        [("TIMEOUT(digit)x", "3")],
+        [("CUT(x)", "3")],
         [("A=B", "1")],
         [("A,B", "1")],
         [("___A", "1")],

@@ -271,15 +271,17 @@ async def test_drain_turns_unready_and_fails_over_live_calls(stack: Stack) -> No
 _OUTCOMES = "|".join(o.value for o in Outcome)
 _SOURCES = "|".join(s.value for s in Source)
 _ALLOWED = re.compile(
-    r"ANSWER|CHANNEL STATUS"
-    r'|GET DATA "[a-z\-]+" \d+ \d+'
+    r"CHANNEL STATUS"
+    r'|GET DATA "[a-z\-]+" \d+ 1'
     r'|STREAM FILE "[a-z\-]+" ""'
+    r'|SAY DIGITS "\d{1,30}" ""'
     r'|SET MUSIC (on "default"|off)'
-    r'|SET VARIABLE TIMEOUT\(digit\) "\d+(\.\d+)?"'
-    # The customer id (digits only), then the decision: one MSet, the outcome last.
-    r'|SET VARIABLE __OML_CUSTOMER_ID "\d{1,30}"'
-    r'|SET VARIABLE __OMLCODCLI "\d{1,30}"'
-    r'|EXEC MSet "'
+    r'|EXEC MSet "TIMEOUT\(response\)=\d+\.\d{3},TIMEOUT\(digit\)=\d+\.\d{3}"'
+    r'|EXEC Read "CALLERID_ENTRY,[a-z\-]+,\d{1,2}"'
+    r'|GET FULL VARIABLE "\$\{CALLERID_ENTRY\},\$\{READSTATUS\}"'
+    # The decision: one MSet, the customer id (digits only) first when there is one, the
+    # outcome last.
+    r'|EXEC MSet "(__OML_CUSTOMER_ID=(?P<id>\d{1,30}),__OMLCODCLI=(?P=id),)?'
     rf"OML_DEST_TYPE=\d*,OML_DEST_ID=\d*,OML_IDENT_SOURCE=({_SOURCES}),"
     rf'OML_IDENT_OUTCOME=({_OUTCOMES})"'
     r'|EXEC Goto "oml-dest-\d+,\d+,1"'
@@ -299,14 +301,27 @@ _ALLOWED = re.compile(
             'OML_IDENT_OUTCOME=hangup"',
             True,
         ),
-        ('SET VARIABLE __OMLCODCLI "12345"', True),
-        ('SET VARIABLE __OMLCODCLI "12a45"', False),
         (
-            # The id never goes in MSet: Asterisk logs EXEC options at verbosity 3.
-            'EXEC MSet "__OML_CUSTOMER_ID=12345,OML_DEST_TYPE=1,OML_DEST_ID=3,'
+            'EXEC MSet "__OML_CUSTOMER_ID=12345,__OMLCODCLI=12345,OML_DEST_TYPE=1,OML_DEST_ID=3,'
+            'OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=identified"',
+            True,
+        ),
+        (
+            'EXEC MSet "__OML_CUSTOMER_ID=12a45,__OMLCODCLI=12a45,OML_DEST_TYPE=1,OML_DEST_ID=3,'
             'OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=identified"',
             False,
         ),
+        (
+            'EXEC MSet "__OML_CUSTOMER_ID=12345,__OMLCODCLI=54321,OML_DEST_TYPE=1,OML_DEST_ID=3,'
+            'OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=identified"',
+            False,
+        ),
+        ('EXEC MSet "TIMEOUT(response)=5.000,TIMEOUT(digit)=3.000"', True),
+        ('EXEC MSet "TIMEOUT(response)=5.000,TIMEOUT(digit)=3.000,X=1"', False),
+        ('EXEC Read "CALLERID_ENTRY,prompt,5"', True),
+        ('EXEC Read "CALLERID_ENTRY,prompt&x,5"', False),
+        ('GET FULL VARIABLE "${CALLERID_ENTRY},${READSTATUS}"', True),
+        ('SET VARIABLE __OMLCODCLI "12345"', False),
         (
             'EXEC MSet "OML_IDENT_OUTCOME=identified,OML_DEST_TYPE=1,OML_DEST_ID=3,'
             'OML_IDENT_SOURCE=crm"',
@@ -335,8 +350,9 @@ def test_socket_grammar_takes_the_decision_line_and_nothing_near_it(
     line: str, allowed: bool
 ) -> None:
     """`_ALLOWED` accepts the lines the gateway writes and refuses lines close to them: a
-    customer id in MSet or not all digits, the outcome not last, an extra pair, an
-    escaped comma, an unknown outcome, the old per-variable form, a CR."""
+    customer id not all digits or two different ids, an extra pair, a second prompt for
+    Read, the outcome not last, an escaped comma, an unknown outcome, the old per-variable
+    form, a CR."""
     assert bool(_ALLOWED.fullmatch(line)) is allowed
 
 

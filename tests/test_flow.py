@@ -259,7 +259,9 @@ async def test_retries_then_valid_entry(harness: Harness) -> None:
     harness.identifier.answers["12345"] = verdict(Verdict.TRUE)
     result = await harness.call(CallScript(node="tf", entries=["12", None, "12345"]))
     assert _route(result)[0] == "identified"
-    assert sum(c.startswith("GET DATA") for c in result.commands) == 3
+    assert sum(c.startswith("EXEC Read") for c in result.commands) == 3
+    # The node's timeouts are set once, before the first attempt.
+    assert sum(c.startswith('EXEC MSet "TIMEOUT(') for c in result.commands) == 1
 
 
 async def test_no_input_after_all_attempts(harness: Harness) -> None:
@@ -280,7 +282,7 @@ async def test_partial_entry_ended_by_inter_digit_timeout_is_validated(harness: 
     """Digits ended by the inter-digit timeout count as the entry (here: valid for 'local')."""
     result = await harness.call(CallScript(node="local", entries=["1234~"]))
     assert _route(result) == ("identified", "1", "5", "local")
-    assert 'SET VARIABLE TIMEOUT(digit) "3"' in result.commands
+    assert 'EXEC MSet "TIMEOUT(response)=5.000,TIMEOUT(digit)=3.000"' in result.commands
 
 
 async def test_none_interaction_identifies_locally(harness: Harness) -> None:
@@ -300,16 +302,22 @@ async def test_unknown_node_is_a_config_error_to_the_fallback(harness: Harness) 
     """An unknown node ends at once with config_error, routed to the gateway fallback."""
     result = await harness.call(CallScript(node="nope", entries=["12345"]))
     assert _route(result) == ("config_error", "1", "99", "failover")
-    assert not any(c.startswith("GET DATA") for c in result.commands)
+    assert result.commands == [
+        'EXEC MSet "OML_DEST_TYPE=1,OML_DEST_ID=99,OML_IDENT_SOURCE=failover,'
+        'OML_IDENT_OUTCOME=config_error"',
+        'EXEC Goto "oml-inbound,99,1"',
+    ]
     assert harness.calls("unknown", "config_error", "failover") == 1
 
 
 async def test_type_9_is_followed_in_session(harness: Harness) -> None:
-    """A type-9 destination runs the next node in the same session, without answering twice."""
+    """A type-9 destination runs the next node in the same session, with its own prompt and
+    timeouts."""
     result = await harness.call(CallScript(node="hop", entries=["4567", "8888"]))
     assert _route(result) == ("identified", "1", "8", "local")
     assert result.variables["__OML_CUSTOMER_ID"] == "8888"
-    assert sum(c == "ANSWER" for c in result.commands) == 1
+    reads = [c for c in result.commands if c.startswith("EXEC Read")]
+    assert reads == ['EXEC Read "CALLERID_ENTRY,prompt,20"', 'EXEC Read "CALLERID_ENTRY,prompt2,4"']
     assert harness.calls("hop", "identified", "local") == 1
     assert harness.calls("step2", "identified", "local") == 1
 
@@ -318,7 +326,7 @@ async def test_type_9_loop_hits_the_hop_limit(harness: Harness) -> None:
     """A node that routes to itself stops at max_hops with config_error and the fallback."""
     result = await harness.call(CallScript(node="7", entries=["1"] * 10))
     assert _route(result) == ("config_error", "1", "99", "failover")
-    assert sum(c.startswith("GET DATA") for c in result.commands) == 4
+    assert sum(c.startswith("EXEC Read") for c in result.commands) == 4
 
 
 async def test_hangup_mid_prompt(harness: Harness) -> None:
@@ -343,10 +351,11 @@ async def test_hangup_mid_lookup_cancels_the_request(harness: Harness) -> None:
 
 
 async def test_missing_prompt_is_not_mistaken_for_a_hangup(harness: Harness) -> None:
-    """200 result=-1 on a live channel means a missing prompt: config_error, still routed."""
+    """READSTATUS=ERROR on a live channel means a missing prompt: config_error, still routed."""
     result = await harness.call(CallScript(node="local", missing_prompt=True))
     assert _route(result) == ("config_error", "1", "99", "failover")
-    assert "CHANNEL STATUS" in result.commands
+    assert 'GET FULL VARIABLE "${CALLERID_ENTRY},${READSTATUS}"' in result.commands
+    assert "CHANNEL STATUS" not in result.commands  # READSTATUS alone tells a hang-up apart
 
 
 async def test_customer_id_reaches_the_request(harness: Harness) -> None:

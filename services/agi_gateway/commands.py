@@ -35,8 +35,13 @@ _DIGITS = re.compile(r"[0-9]+")
 _ESCAPE_DIGITS = re.compile(r"[0-9*#]*")
 _VARIABLE = re.compile(r"_{0,2}[A-Za-z][A-Za-z0-9_]*")
 _FUNCTION = re.compile(r"[A-Z_]+\([a-z_]+\)")
+# The only functions MSet writes: the channel's entry timeouts (Read() waits by them).
+_MSET_NAME = re.compile(f"{_VARIABLE.pattern}|TIMEOUT\\((?:response|digit)\\)")
 _APPLICATION = re.compile(r"[A-Za-z]+")
 _MUSIC_CLASS = re.compile(r"[A-Za-z0-9_\-]+")
+# What GET FULL VARIABLE may evaluate: plain `${NAME}` references and separators. No dialplan
+# functions: some have side effects, and none is needed to read what Read() left behind.
+_EXPRESSION = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|[,:|])+")
 # Nothing MSet's argument splitter gives a meaning to (, " \ ( ) [ ] and = and the old
 # separator |), and no space: Asterisk would keep it, but no value here ever needs one.
 _MSET_VALUE = re.compile(r"[A-Za-z0-9_.:+\-*#@/]*")
@@ -46,6 +51,7 @@ _LINE_BREAK = re.compile(r"[\r\n\0]")
 
 MAX_TIMEOUT_MS = 600_000
 MAX_DIGITS = 64
+MAX_READ_DIGITS = 255  # Read() takes 1..255 and quietly reads 255 for anything else
 MAX_SOUND = 255
 MAX_NAME = 80
 MAX_VALUE = 255
@@ -176,6 +182,47 @@ class WaitForDigit(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadDigits(Command):
+    """`EXEC Read "<variable>,<prompt>,<max_digits>"`: play the prompt, collect digits into the
+    variable and set READSTATUS.
+
+    With no timeout argument, Read() waits the channel's TIMEOUT(response) for the first digit
+    and TIMEOUT(digit) between digits (`ast_app_getdata_terminator`, main/app.c); GET DATA has
+    one timeout for both. `#` ends the entry. Read() answers the channel if it is not up. The
+    prompt's pattern has no `&` (Read's list of prompts), comma, quote or parenthesis, so
+    Read's argument splitter sees exactly three parts.
+    """
+
+    name: ClassVar[str] = "EXEC"
+    application: ClassVar[str] = "Read"
+    variable: str
+    prompt: str
+    max_digits: int
+
+    def __post_init__(self) -> None:
+        _text("variable", self.variable, max_len=MAX_NAME, pattern=_VARIABLE)
+        _text("prompt", self.prompt, max_len=MAX_SOUND, pattern=_SOUND)
+        _int("max_digits", self.max_digits, 1, MAX_READ_DIGITS)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (self.application, _quoted(f"{self.variable},{self.prompt},{self.max_digits}"))
+
+
+@dataclass(frozen=True, slots=True)
+class GetFullVariable(Command):
+    """Evaluate `${A},${B}` on the channel: `200 result=1 (<value>)`. Works after a hang-up."""
+
+    name: ClassVar[str] = "GET FULL VARIABLE"
+    expression: str
+
+    def __post_init__(self) -> None:
+        _text("expression", self.expression, max_len=MAX_VALUE, pattern=_EXPRESSION)
+
+    def _arguments(self) -> tuple[str, ...]:
+        return (_quoted(self.expression),)
+
+
+@dataclass(frozen=True, slots=True)
 class SetVariable(Command):
     """`name` is a variable (with "_"/"__" for inheritance) or a function like TIMEOUT(digit).
 
@@ -226,9 +273,11 @@ class MultiSet(Command):
     Asterisk's MSet (pbx_builtin_setvar_multiple) sets the pairs one by one, in the order
     given, each exactly as SET VARIABLE would (so `_`/`__` inheritance works the same), and
     answers `200 result=0` once. `NAME=` sets an empty value, like `SET VARIABLE NAME ""`.
-    Only plain variable names are accepted (no functions: their parentheses mean something
-    to the splitter), and values are limited to `_MSET_VALUE`, so what Asterisk sets is
-    exactly what was given. More than 99 pairs would run together in the last one: refused.
+    Names are plain variables, or `TIMEOUT(response)` / `TIMEOUT(digit)`: a name ending in ")"
+    is written through the dialplan function (pbx_builtin_setvar_helper), and the splitter
+    keeps a balanced pair of parentheses with no comma inside together. Values are limited to
+    `_MSET_VALUE`, so what Asterisk sets is exactly what was given. More than 99 pairs would
+    run together in the last one: refused.
     """
 
     name: ClassVar[str] = "EXEC"
@@ -250,7 +299,7 @@ class MultiSet(Command):
                 raise CommandError(f"pairs[{index}]: must be a (name, value) tuple")
             variable, value = pair
             try:
-                _text("name", variable, max_len=MAX_NAME, pattern=_VARIABLE)
+                _text("name", variable, max_len=MAX_NAME, pattern=_MSET_NAME)
                 _text("value", value, max_len=MAX_VALUE, pattern=_MSET_VALUE)
             except CommandError as exc:  # the pair's place, named only when refused
                 raise CommandError(f"pairs[{index}] {exc}") from None

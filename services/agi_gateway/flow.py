@@ -5,10 +5,11 @@ write the decision and end. Destinations of type 9 (another identification node)
 in the same session up to `max_hops`. Whatever fails, the call leaves with a decision: a caller
 who hangs up gets `hangup`, anything the gateway cannot run gets `config_error` and the fallback.
 
-While the flow waits for the identification reply it does not talk to Asterisk, so it races
-the reply against the session's hang-up future (a hang-up cancels the pending request) and
-against the server's abort future (done when a drain runs out of time: the call takes its
-failover destination instead of being cut off).
+The flow talks to Asterisk only through a `Channel` (one command at a time, typed results), so
+it can be driven by a scripted fake in unit tests. While it waits for the identification reply
+it does not talk to Asterisk, so it races the reply against the channel's hang-up future (a
+hang-up cancels the pending request) and against the server's abort future (done when a drain
+runs out of time: the call takes its failover destination instead of being cut off).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agi_gateway.collect import CommandRefused, PromptMissing, collect_entry
-from agi_gateway.commands import SetMusic
+from agi_gateway.channel import AgiChannel, Channel, CommandRefused, PromptMissing
+from agi_gateway.collect import collect_entry
 from agi_gateway.decisions import (
     Decision,
     config_error_decision,
@@ -101,13 +102,14 @@ class CallFlow:
         started = self._monotonic()
         env = (await session.environment(self._settings.environment_timeout)).variables
         node_id = requested_node(env)
+        channel = AgiChannel(session)
         label = UNKNOWN_NODE
         decision: Decision | None = None
         try:
-            decision, label = await self._run(session, env, node_id, abort)
+            decision, label = await self._run(channel, env, node_id, abort)
             self._record(label, decision)
             with contextlib.suppress(CallerHungUp):  # Asterisk closed the socket: nothing to tell
-                await apply_decision(session, decision, self._settings.jumps)
+                await apply_decision(channel, decision, self._settings.jumps)
         except (AgiTimeout, AgiPeerError) as exc:
             # Out of step with Asterisk: nothing more can be written safely; the server closes.
             log.error("AGI session broke on node %s: %s", node_id, exc)
@@ -139,24 +141,22 @@ class CallFlow:
         self._record(UNKNOWN_NODE, decision)
         log.warning("call refused (%s): routed to the fallback %s", reason, decision.destination)
         with contextlib.suppress(CallerHungUp):
-            await apply_decision(session, decision, self._settings.jumps)
+            await apply_decision(AgiChannel(session), decision, self._settings.jumps)
 
     async def _run(
         self,
-        session: AgiSession,
+        channel: Channel,
         env: Mapping[str, str],
         node_id: str | None,
         abort: asyncio.Future[None],
     ) -> tuple[Decision, str]:
-        answered = False
         for _hop in range(self._settings.max_hops + 1):
             node = self._nodes().get(node_id) if node_id is not None else None
             if node is None:
                 log.error("unknown identification node %r: routed to the fallback", node_id)
                 return config_error_decision(self._settings.fallback), UNKNOWN_NODE
             try:
-                decision = await self._run_node(session, env, node, abort, answer=not answered)
-                answered = True
+                decision = await self._run_node(channel, env, node, abort)
             except CallerHungUp:
                 return hangup_decision(), node.name
             except (PromptMissing, CommandRefused) as exc:
@@ -175,23 +175,21 @@ class CallFlow:
 
     async def _run_node(
         self,
-        session: AgiSession,
+        channel: Channel,
         env: Mapping[str, str],
         node: NodeConfig,
         abort: asyncio.Future[None],
-        *,
-        answer: bool,
     ) -> Decision:
-        collected = await collect_entry(session, node, answer=answer, clock=self._monotonic)
+        collected = await collect_entry(channel, node)
         if collected.customer_id is None:
             return no_entry_decision(node, last_entry_invalid=collected.last_entry_invalid)
         if not node.uses_crm:
             return entry_decision(node, collected.customer_id)
-        return await self._identify(session, env, node, collected.customer_id, abort)
+        return await self._identify(channel, env, node, collected.customer_id, abort)
 
     async def _identify(
         self,
-        session: AgiSession,
+        channel: Channel,
         env: Mapping[str, str],
         node: NodeConfig,
         customer_id: str,
@@ -212,13 +210,13 @@ class CallFlow:
             limit = node.crm_timeout + self._settings.deadline_slack
             # The hang-up and the abort are futures shared with others: waited on, never
             # cancelled here.
-            waiting: set[asyncio.Future[Any]] = {reply_task, session.hangup, abort}
+            waiting: set[asyncio.Future[Any]] = {reply_task, channel.hangup, abort}
             if node.hold_music_after is not None and node.hold_music_after < limit:
                 done, _ = await asyncio.wait(
                     waiting, timeout=node.hold_music_after, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
-                    await session.run(SetMusic(True, node.hold_music_class))
+                    await channel.hold_music(True, node.hold_music_class)
                     music = True
             remaining = limit - (self._monotonic() - started)
             await asyncio.wait(
@@ -229,11 +227,11 @@ class CallFlow:
                 reply_task.cancel()
                 await asyncio.wait([reply_task])
         self._metrics.identification_wait.labels(node.name).observe(self._monotonic() - started)
-        if session.hung_up:
-            session.raise_if_broken()
+        if channel.hung_up:
+            channel.raise_if_broken()
             raise CallerHungUp("hung up while waiting for the CRM")
         if music:
-            await session.run(SetMusic(False))
+            await channel.hold_music(False)
         return self._reply_decision(node, customer_id, reply_task)
 
     def _reply_decision(

@@ -1,17 +1,20 @@
 """Hand a decision to Asterisk: channel variables, then an optional jump.
 
-The customer id goes in two `SET VARIABLE`s; the decision's four variables in one command,
-`EXEC MSet "OML_DEST_TYPE=...,OML_IDENT_OUTCOME=..."`, so Asterisk answers one line for them
-instead of four. (Not the id: Asterisk logs the options of every EXEC at verbosity 3, and
-the id stays out of logs.) MSet sets the pairs in order, each as SET VARIABLE would, and
-`OML_IDENT_OUTCOME` is the last pair, in the last command: a dialplan (or a test) that sees it
-can rely on every other variable being in place. Only fixed-form values reach the
-socket: outcome and source are enum words, destinations are integers and the customer id has
-been validated to digits (`MultiSet` refuses anything else when it is built).
+Every variable goes in one command, `EXEC MSet "__OML_CUSTOMER_ID=...,OML_DEST_TYPE=...,
+OML_IDENT_OUTCOME=..."`, so Asterisk answers one line for all of them (one round trip: a
+FastAGI server must wait for each reply before the next command). MSet sets the pairs in order,
+each as SET VARIABLE would (so `__` inheritance to the agent's leg works the same), and
+`OML_IDENT_OUTCOME` is the last pair: a dialplan (or a test) that sees it can rely on every
+other variable being in place. Asterisk logs EXEC's options at verbosity 3; Read() has already
+logged the entry there ("User entered ..."), so the id in MSet exposes nothing new. Only
+fixed-form values reach the socket: outcome and source are enum words, destinations are
+integers and the customer id has been validated to digits (`MultiSet` refuses anything else
+when it is built).
 
-Jumps use `EXEC Goto "context,extension,priority"`. Asterisk's Goto goes through
-ast_explicit_goto, which stores priority-1 while the channel runs in the dialplan; when AGI()
-returns, the dialplan adds 1, so the call continues exactly at the template's priority.
+Jumps use `EXEC Goto "context,extension,priority"`, after MSet's reply. Asterisk's Goto goes
+through ast_explicit_goto, which stores priority-1 while the channel runs in the dialplan; when
+AGI() returns, the dialplan adds 1, so the call continues exactly at the template's priority
+(checked on a real Asterisk 22 by tests/asterisk/).
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from agi_gateway.commands import Command, Exec, MultiSet, SetVariable
+from agi_gateway.channel import Channel
 from agi_gateway.decisions import Decision
-from agi_gateway.session import AgiSession
 from shared.destination import Destination
 
 OUTCOME_VAR = "OML_IDENT_OUTCOME"
@@ -69,24 +71,20 @@ class JumpTemplates:
         return bool(self._templates)
 
 
-async def apply_decision(session: AgiSession, decision: Decision, jumps: JumpTemplates) -> None:
-    """Write the decision's variables and, if a template matches, jump there: one write."""
+async def apply_decision(channel: Channel, decision: Decision, jumps: JumpTemplates) -> None:
+    """Write the decision's variables and, if a template matches, jump there."""
     destination = decision.destination
-    commands: list[Command] = []
+    pairs: list[tuple[str, str]] = []
     if decision.customer_id is not None:
-        commands += [SetVariable(name, decision.customer_id) for name in CUSTOMER_VARS]
-    commands.append(
-        MultiSet(
-            [
-                (DEST_TYPE_VAR, "" if destination is None else str(destination.type)),
-                (DEST_ID_VAR, "" if destination is None else str(destination.id)),
-                (SOURCE_VAR, decision.source.value),
-                (OUTCOME_VAR, decision.outcome.value),  # last: see the module docstring
-            ]
-        )
-    )
-    if destination is not None and not session.hung_up:
+        pairs += [(name, decision.customer_id) for name in CUSTOMER_VARS]
+    pairs += [
+        (DEST_TYPE_VAR, "" if destination is None else str(destination.type)),
+        (DEST_ID_VAR, "" if destination is None else str(destination.id)),
+        (SOURCE_VAR, decision.source.value),
+        (OUTCOME_VAR, decision.outcome.value),  # last: see the module docstring
+    ]
+    await channel.set_variables(pairs)
+    if destination is not None and not channel.hung_up:
         target = jumps.target(destination)
         if target is not None:
-            commands.append(Exec("Goto", target))
-    await session.run_batch(commands)
+            await channel.goto(target)

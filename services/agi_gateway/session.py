@@ -2,13 +2,13 @@
 
 `AgiSession` is the connection's asyncio protocol. Every byte Asterisk sends goes straight from
 `data_received` into the sans-I/O parser (`protocol`), and its events are routed at once: the
-environment and command replies go to whoever is waiting for them, an unprompted `HANGUP` line
+environment and the command's reply go to whoever is waiting for them, an unprompted `HANGUP` line
 (or EOF) marks the channel as gone — also while the call flow is not talking to Asterisk, e.g.
 while it waits for the CRM. Every command has a timeout.
 
 Why a protocol and not a stream reader with a reader task: a call's replies arrive as several
 small segments, and a reader task wakes up for each; here the waiting call flow wakes up once,
-when the last reply of its batch is in. That is a measurable share of the gateway's CPU per
+when its reply is complete. That is a measurable share of the gateway's CPU per
 call (see bench/results).
 
 Exception tree raised by `AgiSession`:
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import cast
 
 from agi_gateway.commands import Command
@@ -84,15 +83,14 @@ class AgiSession(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self._environment: asyncio.Future[Environment] = loop.create_future()
-        self._replies: deque[Reply] = deque()
-        # Commands written whose reply has not been taken yet. Asterisk answers each command
-        # exactly once, so more replies than this is a peer that is not Asterisk: refusing
-        # them keeps `_replies` bounded (a flood would otherwise pile up while the flow waits
-        # for the CRM) and keeps a pre-sent reply from answering a later command.
-        self._awaiting = 0
-        # The flow waiting for its batch: woken when `_wanted` replies are in, or at the end.
+        # The reply to the one command in flight, once it is in. Asterisk answers each command
+        # exactly once, so a reply with no command waiting for it is a peer that is not
+        # Asterisk: refusing it keeps the session bounded (a flood would otherwise pile up while
+        # the flow waits for the CRM) and keeps a pre-sent reply from answering a later command.
+        self._reply: Reply | None = None
+        self._awaiting = False  # a command was written and its reply not taken yet
+        # The flow waiting for its reply: woken when it is in, or at the end.
         self._waiter: asyncio.Future[None] | None = None
-        self._wanted = 0
         self._writable: asyncio.Future[None] | None = None  # set while the transport is paused
         self._ended: AgiSessionError | None = None  # EOF or protocol error: no reply will come
         # Done on HANGUP or EOF; the flow races long waits on it (a future, not an Event: it
@@ -170,65 +168,59 @@ class AgiSession(asyncio.Protocol):
             raise NoEnvironment(f"no complete AGI environment: {exc}") from exc
 
     async def run(self, command: Command, *, timeout: float | None = None) -> Reply:
-        """Send one command and return its reply.
+        """Send one command and return its reply; the next command may go only after it.
+
+        Asterisk reads commands with fgets() from a stdio stream but waits for the next one
+        with poll() on the raw socket (`run_agi` in res/res_agi.c): a second command written
+        before the first is answered lands in the stdio buffer, where poll() cannot see it, and
+        waits until more bytes arrive or the socket closes. So there is never more than one
+        command in flight, and this method refuses to send while one is.
 
         A 511 reply raises CallerHungUp; any other reply (200, 510, 520) is returned for the
-        caller to interpret. SET VARIABLE and EXEC still answer 200 after a hang-up.
-        """
-        return (await self.run_batch((command,), timeout=timeout))[0]
-
-    async def run_batch(
-        self, commands: Sequence[Command], *, timeout: float | None = None
-    ) -> list[Reply]:
-        """Send several commands in one write and return their replies, in order.
-
-        Asterisk reads its AGI socket a line at a time and answers each command before it
-        reads the next, so pipelining is safe and saves a round trip (and a system call on
-        both sides) per command. Every reply is read before a 511 is raised, so the session
-        stays in step. `timeout` bounds the whole batch.
+        caller to interpret (`channel` does). SET VARIABLE and EXEC still answer 200 after a
+        hang-up.
         """
         if self._ended is not None:
             raise self._ended
-        assert self._transport is not None, "run_batch before the connection was made"
-        assert self._waiter is None, "one batch at a time"
-        self._transport.write(b"".join(command.encode() for command in commands))
-        self._awaiting += len(commands)
+        assert self._transport is not None, "run before the connection was made"
+        assert not self._awaiting, "one command at a time: Asterisk does not read ahead"
+        self._transport.write(command.encode())
+        self._awaiting = True
         limit = self._command_timeout if timeout is None else timeout
-        names = "+".join(command.name for command in commands)
         try:
             async with asyncio.timeout(limit):
                 if self._writable is not None:
                     await self._writable
-                replies = await self._take_replies(len(commands))
+                reply = await self._take_reply()
         except TimeoutError:
-            raise AgiTimeout(f"{names}: no reply within {limit:g} s") from None
-        if any(reply.code == DEAD_CHANNEL for reply in replies):
+            raise AgiTimeout(f"{command.name}: no reply within {limit:g} s") from None
+        if reply.code == DEAD_CHANNEL:
             self._hang_up()
-            raise CallerHungUp(f"{names}: channel is dead (511)")
-        return replies
+            raise CallerHungUp(f"{command.name}: channel is dead (511)")
+        return reply
 
-    async def _take_replies(self, count: int) -> list[Reply]:
-        if len(self._replies) < count and self._ended is None:
+    async def _take_reply(self) -> Reply:
+        if self._reply is None and self._ended is None:
             self._waiter = asyncio.get_running_loop().create_future()
-            self._wanted = count
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        if len(self._replies) < count:
+        reply = self._reply
+        if reply is None:
             assert self._ended is not None
             raise self._ended
-        self._awaiting -= count
-        return [self._replies.popleft() for _ in range(count)]
+        self._reply = None
+        self._awaiting = False
+        return reply
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Reply):
-            if len(self._replies) >= self._awaiting:
+            if not self._awaiting or self._reply is not None:
                 self._peer_broke(AgiProtocolError(f"reply without a command: {event.text[:40]!r}"))
                 return
-            self._replies.append(event)
-            if len(self._replies) >= self._wanted:
-                self._wake()
+            self._reply = event
+            self._wake()
         elif isinstance(event, Environment):
             if not self._environment.done():
                 self._environment.set_result(event)
