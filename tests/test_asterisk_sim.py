@@ -37,6 +37,8 @@ from agi_gateway.protocol import (
     Reply,
 )
 from tools.asterisk_sim import (
+    LINE_MAX,
+    PIPELINED,
     CallResult,
     CallScript,
     SimulatedChannel,
@@ -157,7 +159,8 @@ async def call(scenario: Scenario, script: CallScript) -> CallResult:
 
 async def test_identified_call_records_variables_and_continues_at_the_goto_target() -> None:
     """Variables are captured unquoted, the Goto target is where the dialplan continues, and
-    the decision timestamps are taken."""
+    the decision timestamps are taken. TIMEOUT(digit) is a function: it sets the channel's
+    digit timeout, not a variable."""
     sent = [
         Answer(),
         SetVariable("TIMEOUT(digit)", "3"),
@@ -175,12 +178,12 @@ async def test_identified_call_records_variables_and_continues_at_the_goto_targe
 
     result = await call(scenario, CallScript(node="7", caller_number="5550000"))
     assert result.variables == {
-        "TIMEOUT(digit)": "3",
         "__OMLCODCLI": "12345",
         "OML_IDENT_OUTCOME": "identified",
     }
     assert result.commands == [command.encode().decode().rstrip("\n") for command in sent]
     assert (result.context, result.extension, result.priority) == ("oml-dest-1", "3", 1)
+    assert result.digit_timeout_ms == 3000
     assert result.closed_by_gateway
     assert not result.hung_up
     assert result.protocol_errors == []
@@ -275,7 +278,7 @@ def test_app_separate_args_matches_asterisk(
 
 async def test_replies_match_asterisk() -> None:
     """ANSWER, CHANNEL STATUS, GET DATA, STREAM FILE, SET MUSIC and VERBOSE answer as
-    Asterisk 22 does."""
+    Asterisk 22 does; two digits typed for a GET DATA of five end by its timeout."""
 
     async def scenario(gw: FakeGateway) -> list[str]:
         await gw.environment()
@@ -298,7 +301,7 @@ async def test_replies_match_asterisk() -> None:
         "200 result=4",
         "200 result=0",
         "200 result=6",
-        "200 result=42",
+        "200 result=42 (timeout)",
         "200 result=0 endpos=8000",
         "200 result=0",
         "200 result=0",
@@ -618,7 +621,8 @@ class _HeldTransport(asyncio.Transport):
 
 async def test_backpressure_holds_answers_and_reading_until_the_gateway_reads() -> None:
     """Over the high-water mark nothing more is answered and reading stops (res_agi blocks
-    on its write); once resumed, the held commands are answered in order, one write each."""
+    on its write); a command that arrived meanwhile is answered once resumed, and a line that
+    arrives in pieces is answered once its end has come."""
     channel = SimulatedChannel(CallScript())
     call = _Call(channel, [b"\n"], asyncio.get_running_loop())
     transport = _HeldTransport()
@@ -626,33 +630,49 @@ async def test_backpressure_holds_answers_and_reading_until_the_gateway_reads() 
     assert transport.written == [b"\n"]
     call.pause_writing()
     assert not transport.reading
-    call.data_received(b"ANSWER\nCHANNEL STATUS\nNOOP")
+    call.data_received(b"ANSWER\n")
     assert transport.written == [b"\n"]
     call.resume_writing()
     assert transport.reading
-    assert transport.written == [b"\n", b"200 result=0\n", b"200 result=6\n"]
-    call.data_received(b"\n")
-    assert transport.written[-1] == b"200 result=0\n"
+    assert transport.written == [b"\n", b"200 result=0\n"]
+    call.data_received(b"CHANNEL ")
+    assert len(transport.written) == 2
+    call.data_received(b"STATUS\n")
+    assert transport.written[-1] == b"200 result=6\n"
     call.eof_received()
     assert await call.finished is True
     assert channel.protocol_errors == []
 
 
-async def test_overlong_and_unterminated_lines_are_recorded() -> None:
-    """A line that fills res_agi's 2048-byte buffer without a LF is an error (and dropped);
-    so is a partial line when the gateway closes."""
+async def test_overlong_and_unterminated_lines_run_as_asterisk_runs_them() -> None:
+    """fgets returns at most 2047 bytes: a line that fits is one command; a longer one runs as
+    a 2047-byte command and then the rest (both recorded). A line left unterminated when the
+    gateway closes still runs (fgets returns it at end of file), and is recorded."""
     channel = SimulatedChannel(CallScript())
     call = _Call(channel, [b"\n"], asyncio.get_running_loop())
-    call.connection_made(_HeldTransport())
-    call.data_received(b"x" * 2047)
+    transport = _HeldTransport()
+    call.connection_made(transport)
+    fits = b"VERBOSE " + b"x" * (LINE_MAX - len(b"VERBOSE ") - 1) + b"\n"
+    assert len(fits) == LINE_MAX
+    call.data_received(fits)
+    assert transport.written[-1] == b"200 result=1\n"
     assert channel.protocol_errors == []
-    call.data_received(b"x")
-    assert channel.protocol_errors == ["command line longer than 2048 bytes"]
-    call.data_received(b"NOOP\nANSW")
+    too_long = b"VERBOSE " + b"y" * (LINE_MAX - len(b"VERBOSE ")) + b"NOOP\n"
+    call.data_received(too_long)
+    assert channel.commands[-1] == too_long[:LINE_MAX].decode()
+    assert channel.protocol_errors == [
+        f"command line longer than {LINE_MAX} bytes: Asterisk runs each {LINE_MAX} bytes of it "
+        "as a command",
+        PIPELINED,  # the rest, "NOOP", is a second whole line in fgets' buffer
+    ]
+    call.data_received(b'EXEC Goto "c,e,1"')
     call.eof_received()
     assert await call.finished is True
-    assert channel.commands == ["NOOP"]
-    assert channel.protocol_errors[1:] == ["unterminated command line at end of stream"]
+    assert channel.commands[-2:] == ["NOOP", 'EXEC Goto "c,e,1"']
+    assert channel.final_position() == ("c", "e", 1)
+    assert channel.protocol_errors[2:] == [
+        "unterminated command line at end of stream: Asterisk runs it"
+    ]
 
 
 def test_dead_channel_is_refused_by_non_dead_safe_commands() -> None:
