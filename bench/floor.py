@@ -1,15 +1,52 @@
-"""The floor: the same hops as an identification, with no product features.
+"""The floor: the least exchange a real Asterisk accepts for a correct node, and nothing else.
 
-TCP line exchange (one connection per call: the client writes an id line, reads one reply
-line) → RabbitMQ RPC (publisher confirms, mandatory, direct reply-to, correlation id) →
-Redis GET → HTTP POST to the CRM (`idContact=<id>`) → reply. No AGI, no validation, no
-pydantic, no metrics, no deadlines, no cache write, no retries: whatever the product costs
-beyond this is the price of its features, which is why every benchmark figure is also given
-as a ratio to the floor measured in the same run.
+Every benchmark figure is also given as a ratio to the floor measured in the same run: whatever
+the product costs beyond it is the price of its features. So the floor makes exactly the hops
+and round trips an identification cannot do without, on both sides:
 
-It runs as separate processes, like the product (`python -m bench.floor server|worker`), on
-uvloop and the lowest-level clients the product's stack offers (aiormq, redis.asyncio,
-aiohttp). Each prints `ready` once it can serve. The client side is `line_caller`, driven by
+- The client is the product's own: `tools.loadgen.agi_caller` over `tools.asterisk_sim`
+  (the simulated Asterisk 22 the product is driven with), the same "miss" mix, with
+  verification off (any decision counts: the floor has no nodes). Latency is therefore the
+  same figure as the product's: the caller's last digit to OML_IDENT_OUTCOME being set.
+- The server takes the gateway's place as a minimal FastAGI server. Per call: accept; let the
+  environment block go by up to its blank line (not parsed: no byte of it is kept); then, one
+  command per round trip, each a pre-built byte string in one write:
+
+      EXEC MSet "TIMEOUT(response)=5.000,TIMEOUT(digit)=3.000"   → 200 result=0
+      EXEC Read "CALLERID_ENTRY,customer-id-prompt,8"            → 200 result=0
+      GET FULL VARIABLE "${CALLERID_ENTRY},${READSTATUS}"         → 200 result=1 (<id>,OK)
+
+  the id is one slice of that reply line; then the RabbitMQ RPC (publisher confirms,
+  mandatory, direct reply-to, correlation id) → worker: Redis GET, then an HTTP POST to the CRM
+  (`idContact=<id>`) when it misses (it always does: the floor writes no cache) → reply, ack;
+  then the decision in one command, formatted once from the id and the worker's answer,
+
+      EXEC MSet "__OML_CUSTOMER_ID=<id>,__OMLCODCLI=<id>,OML_DEST_TYPE=..,OML_DEST_ID=..,
+                 OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=.."                → 200 result=0
+
+  and close. Four commands, four writes, four reply lines read; never two commands in one
+  write.
+
+Why these round trips: Asterisk 22 does not read pipelined AGI commands (res_agi reads with
+fgets on a stdio FILE but waits with poll on the raw socket: a second command written before
+the first is answered sits unseen in the stdio buffer), so each command costs a full round
+trip. Read() is how a node gets its entry with a first-digit and an inter-digit timeout, which
+it takes from TIMEOUT(response) and TIMEOUT(digit): one MSet before it. Read() answers
+`200 result=0` whatever happened and leaves the digits and READSTATUS in variables: one GET
+FULL VARIABLE reads both. The decision is one MSet whose last pair is the outcome. That is the
+product's exchange (services/agi_gateway/channel.py, collect.py, routing.py) with nothing of
+its own: no parsing of the environment, no validation, no pydantic, no metrics, no per-node
+deadline (the reply wait is bounded at 10 s only so a lost reply cannot hold a call), no cache
+write, no retries, no hang-up handling (the floor's calls do not hang up).
+
+The server is an `asyncio.Protocol` with a step counter, as the gateway's session is one:
+each reply is handled in `data_received` and the next command written there and then. Streams
+would add, per reply, a StreamReader buffer copy, a future and a wake-up of the call's task;
+here the only coroutine per call is the RPC (its publish confirm and reply are awaited).
+
+It runs as separate processes, like the product (`python -m bench.floor server|worker|client`),
+on uvloop (`run_fast`) and the lowest-level clients the product's stack offers (aiormq,
+redis.asyncio, aiohttp). Server and worker print `ready` once they can serve; the client is
 `tools.loadgen.drive`, so the figures are computed exactly as for the product.
 """
 
@@ -19,72 +56,159 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
-import aiohttp
-import aiormq
-import redis.asyncio as aioredis
-from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from tools.loadgen import (
-    CallFn,
-    CallRecord,
+    ID_LENGTH,
     LoadPlan,
     Mix,
-    PlannedCall,
+    agi_caller,
     drive,
     parse_mix,
     raise_fd_limit,
     run_fast,
 )
 
+if TYPE_CHECKING:
+    # Imported where they are used: the client process loads none of them (half a second of
+    # CPU that would count against the floor's load generator).
+    import aiormq
+    from aiormq.abc import DeliveredMessage
+
 REPLY_TO = "amq.rabbitmq.reply-to"
 # The queue goes away on its own if a run dies without cleaning up.
 QUEUE_ARGUMENTS: dict[str, aiormq.abc.FieldValue] = {"x-expires": 120_000}
+RPC_TIMEOUT = 10.0
+CLIENT_TIMEOUT = 30.0  # per call, as the load generator's default
+
+# The commands before the lookup, as the gateway sends them for a node with the default
+# timeouts (5 s first digit, 3 s between digits) and the load generator's id length.
+SET_TIMEOUTS = b'EXEC MSet "TIMEOUT(response)=5.000,TIMEOUT(digit)=3.000"\n'
+READ_ENTRY = b'EXEC Read "CALLERID_ENTRY,customer-id-prompt,%d"\n' % ID_LENGTH
+GET_ENTRY = b'GET FULL VARIABLE "${CALLERID_ENTRY},${READSTATUS}"\n'
+# `200 result=1 (<id>,OK)\n`: the id is [ID_START:-ID_END_BACK] of the line.
+ID_START = len(b"200 result=1 (")
+ID_END_BACK = len(b",OK)\n")
+# The decision: what follows `OML_DEST_TYPE=` for each answer of the worker (the CRM's
+# `destination`), as the product's nodes map them; any other answer is a destination "type,id".
+DECISION = b'EXEC MSet "__OML_CUSTOMER_ID=%b,__OMLCODCLI=%b,OML_DEST_TYPE=%b"\n'
+TAILS = {
+    b"true": b"1,OML_DEST_ID=3,OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=identified",
+    b"false": b"1,OML_DEST_ID=4,OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=not_identified",
+}
+DESTINATION_TAIL = b",OML_IDENT_SOURCE=crm,OML_IDENT_OUTCOME=crm_destination"
+
+
+def decision(customer: bytes, answer: bytes) -> bytes:
+    """The decision command for the worker's answer: one formatting of pre-built parts."""
+    tail = TAILS.get(answer)
+    if tail is None:  # "type,id"
+        tail = answer.replace(b",", b",OML_DEST_ID=", 1) + DESTINATION_TAIL
+    return DECISION % (customer, customer, tail)
 
 
 async def _declare(channel: aiormq.abc.AbstractChannel, queue: str) -> None:
     await channel.queue_declare(queue, durable=False, auto_delete=False, arguments=QUEUE_ARGUMENTS)
 
 
-async def serve(listen: str, amqp_url: str, queue: str) -> None:
-    """The gateway's part: accept a call, publish its id, wait for the reply, answer, close."""
-    connection = await aiormq.connect(amqp_url)
-    channel = await connection.channel(publisher_confirms=True)
-    await _declare(channel, queue)
-    pending: dict[str, asyncio.Future[bytes]] = {}
+class Gateway:
+    """The gateway's RabbitMQ side: one channel, one direct reply-to consumer, pending RPCs."""
 
-    async def on_reply(message: DeliveredMessage) -> None:
-        future = pending.pop(message.header.properties.correlation_id or "", None)
+    def __init__(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.pending: dict[str, asyncio.Future[bytes]] = {}
+        self.loop = asyncio.get_running_loop()
+
+    async def on_reply(self, message: DeliveredMessage) -> None:
+        future = self.pending.pop(message.header.properties.correlation_id or "", None)
         if future is not None and not future.done():
             future.set_result(message.body)
 
-    await channel.basic_consume(REPLY_TO, on_reply, no_ack=True)
-    loop = asyncio.get_running_loop()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def identify(self, transport: asyncio.Transport, customer: bytes) -> None:
+        """Publish the id, wait for the worker's answer, write the decision command."""
+        correlation = uuid.uuid4().hex
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        self.pending[correlation] = future
         try:
-            line = await reader.readline()
-            correlation = uuid.uuid4().hex
-            future: asyncio.Future[bytes] = loop.create_future()
-            pending[correlation] = future
-            await channel.basic_publish(
-                line.strip(),
-                routing_key=queue,
+            await self.channel.basic_publish(
+                customer,
+                routing_key=self.queue,
                 properties=Basic.Properties(correlation_id=correlation, reply_to=REPLY_TO),
                 mandatory=True,
             )
-            answer = await asyncio.wait_for(future, 10.0)
-            writer.write(answer + b"\n")
-            await writer.drain()
-        finally:
-            writer.close()
+            answer = await asyncio.wait_for(future, RPC_TIMEOUT)
+        except BaseException:
+            self.pending.pop(correlation, None)
+            transport.close()  # the call ends without a decision: the client counts a failure
+            raise
+        if not transport.is_closing():
+            transport.write(decision(customer, answer))
 
+
+class Call(asyncio.Protocol):
+    """One FastAGI connection, driven by a step counter: each reply line writes the next."""
+
+    __slots__ = ("_gateway", "_partial", "_step", "_task", "_transport")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._transport: asyncio.Transport | None = None
+        self._step = 0  # 0 environment, 1..3 replies before the lookup, 4 the decision's
+        self._partial = b""  # an unfinished line (a segment that does not end with "\n")
+        self._task: asyncio.Task[None] | None = None  # the RPC, referenced while it runs
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        # Asterisk sends nothing after the environment's blank line, or after a reply, until
+        # the next command: a segment ending with "\n" ends what we wait for.
+        if data[-1:] != b"\n":
+            self._partial += data
+            return
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        transport = self._transport
+        assert transport is not None
+        step = self._step
+        if step == 0:
+            # The blank line: "\n\n" at the end, or a lone "\n" after a segment that ended
+            # with one (any other segment ending with "\n" was handled, not kept).
+            if data[-2:] == b"\n\n" or data == b"\n":
+                transport.write(SET_TIMEOUTS)
+                self._step = 1
+        elif step == 1:
+            transport.write(READ_ENTRY)
+            self._step = 2
+        elif step == 2:
+            transport.write(GET_ENTRY)
+            self._step = 3
+        elif step == 3:
+            self._step = 4
+            self._task = self._gateway.loop.create_task(
+                self._gateway.identify(transport, data[ID_START:-ID_END_BACK])
+            )
+        else:
+            transport.close()
+
+
+async def serve(listen: str, amqp_url: str, queue: str) -> None:
+    """The gateway's part: the AGI exchange above around one RPC per call."""
+    import aiormq
+
+    connection = await aiormq.connect(amqp_url)
+    channel = await connection.channel(publisher_confirms=True)
+    await _declare(channel, queue)
+    gateway = Gateway(channel, queue)
+    await channel.basic_consume(REPLY_TO, gateway.on_reply, no_ack=True)
     host, _, port = listen.rpartition(":")
-    server = await asyncio.start_server(handle, host, int(port), backlog=1024)
+    server = await gateway.loop.create_server(lambda: Call(gateway), host, int(port), backlog=1024)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
@@ -92,6 +216,10 @@ async def serve(listen: str, amqp_url: str, queue: str) -> None:
 
 async def work(amqp_url: str, queue: str, redis_url: str, crm_url: str, prefetch: int) -> None:
     """The resolver's part: Redis GET, then the CRM when it misses; reply, then ack."""
+    import aiohttp
+    import aiormq
+    import redis.asyncio as aioredis
+
     connection = await aiormq.connect(amqp_url)
     channel = await connection.channel(publisher_confirms=True)
     await channel.basic_qos(prefetch_count=prefetch)
@@ -119,43 +247,6 @@ async def work(amqp_url: str, queue: str, redis_url: str, crm_url: str, prefetch
         await asyncio.Event().wait()
 
 
-def line_caller(host: str, port: int, *, timeout: float = 30.0) -> CallFn:
-    """Client side of the floor: the last digit is the id line going out, the decision is
-    the reply line coming back. Any reply counts as the expected decision."""
-
-    async def call(planned: PlannedCall) -> CallRecord:
-        started = time.monotonic()
-        customer = next((e for e in planned.script.entries if e), "0")
-        failure: str | None = None
-        latency: float | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
-                try:
-                    sent = time.monotonic()
-                    writer.write(customer.encode() + b"\n")
-                    reply = await reader.readline()
-                    latency = time.monotonic() - sent
-                finally:
-                    writer.close()
-            if not reply.endswith(b"\n"):
-                failure, latency = "no_decision: connection closed without a reply", None
-        except (OSError, TimeoutError) as exc:
-            failure = f"connection: {type(exc).__name__}: {exc}"[:200]
-        return CallRecord(
-            planned.kind,
-            started,
-            time.monotonic(),
-            None if failure else "floor",
-            None,
-            latency,
-            failure,
-            failure is None,
-        )
-
-    return call
-
-
 def _client(args: argparse.Namespace) -> int:
     plan = LoadPlan(
         duration=args.duration,
@@ -166,7 +257,9 @@ def _client(args: argparse.Namespace) -> int:
     )
     raise_fd_limit((args.concurrency or 1000) + 256)
     mix = Mix(parse_mix("miss"), id_offset=args.id_offset)
-    report = run_fast(drive(plan, mix.next, line_caller("127.0.0.1", args.port)))
+    # The product's simulated Asterisk; any decision counts (the floor has no nodes to check).
+    caller = agi_caller("127.0.0.1", args.port, timeout=CLIENT_TIMEOUT, verify=False)
+    report = run_fast(drive(plan, mix.next, caller))
     result = report.to_json(plan, mix="floor")
     with open(args.output, "w", encoding="utf-8") as out:
         json.dump(result, out, indent=2)
@@ -174,7 +267,11 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.floor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="role", required=True)
     server = sub.add_parser("server")
     server.add_argument("--listen", required=True)
@@ -186,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--redis-url", required=True)
     worker.add_argument("--crm-url", required=True)
     worker.add_argument("--prefetch", type=int, default=64)
-    client = sub.add_parser("client", help="tools.loadgen's driver over the line exchange")
+    client = sub.add_parser("client", help="tools.loadgen's simulated Asterisk calls, miss mix")
     client.add_argument("--port", type=int, required=True)
     client.add_argument("--concurrency", type=int)
     client.add_argument("--rate", type=float)

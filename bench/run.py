@@ -9,7 +9,11 @@ Measured per scenario and per process (ours, the load generator, and the shared 
 Redis servers, which are only read): CPU from /proc/<pid>/stat utime+stime deltas, divided by
 the identifications made; peak RSS from VmHWM (reset at the scenario's start where the kernel
 allows it). Every figure is also given as a ratio to the floor (`bench.floor`) measured in the
-same run, because on a shared 2-core box absolute numbers move with whatever else runs.
+same run, because on a shared 2-core box absolute numbers move with whatever else runs. The
+floor is the least exchange a real Asterisk accepts for a correct node (a bare FastAGI server:
+timeouts, Read(), one variable read, the RPC to a bare worker over the same RabbitMQ, Redis and
+CRM, one decision MSet; one command per round trip), driven by the same simulated Asterisk and
+load generator as the product, so both sides of the floor cost what they cost for the product.
 
 Scenarios: floor throughput, then cache-miss throughput over RabbitMQ; floor one-at-a-time
 latency, then the product's one call at a time (each pair back to back, as the VM drifts); a
@@ -874,10 +878,10 @@ def markdown(run: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Latency: the caller's last digit to OML_IDENT_OUTCOME (floor: id line out to reply"
-        " in). CPU ms/id (all): every watched process but the load generator, RabbitMQ and"
-        " Redis included. Capacity est.: CPU cores / CPU per id with the load generator"
-        " included, the rate if the box were ours alone. Other load: cores busy with"
+        "Latency: the caller's last digit to OML_IDENT_OUTCOME, the floor's too (same"
+        " simulated Asterisk). CPU ms/id (all): every watched process but the load generator,"
+        " RabbitMQ and Redis included. Capacity est.: CPU cores / CPU per id with the load"
+        " generator included, the rate if the box were ours alone. Other load: cores busy with"
         " processes this run does not watch (others' tests); a row with more than ~0.2 is"
         " not comparable with the floor's.",
         "",
