@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,9 @@ class Stack:
     nodes_template: str = DEFAULT_NODES
     extra_env: dict[str, str] = field(default_factory=dict)
     crm_args: list[str] = field(default_factory=list)  # more mock CRM flags (--log-level ...)
+    # Run once the mock CRM answers, before any service starts: e.g. to write OMniLeads
+    # hashes that name the CRM's URL, for a stack whose CALLERID_NODES is a redis:// URL.
+    before_services: Callable[[Stack], None] | None = None
     prefix: str = field(default_factory=lambda: f"stack-{uuid.uuid4().hex[:10]}")
     crm: Proc | None = None
     gateway: Proc | None = None
@@ -410,6 +414,8 @@ class Stack:
         (self.workdir / "nodes.yaml").write_text(
             self.nodes_template.format(crm=self.crm_url, crm_timeout=self.crm_timeout)
         )
+        if self.before_services is not None:
+            self.before_services(self)
         if self.amqp_url:
             for _ in range(self.resolvers):
                 self.add_resolver()
