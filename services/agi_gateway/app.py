@@ -22,6 +22,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
+from agi_gateway.admission import Admission, parse_networks
 from agi_gateway.amqp_identifier import AmqpIdentifier
 from agi_gateway.cache_first import CacheFirstIdentifier
 from agi_gateway.flow import CallFlow, FlowSettings
@@ -90,15 +91,26 @@ class Gateway:
                 jumps=JumpTemplates(settings.jump_templates),
                 fallback=settings.fallback_destination,
                 max_hops=settings.max_hops,
-                environment_timeout=settings.environment_timeout,
                 show_customer_ids=settings.show_customer_ids,
             ),
         )
+        admission = Admission(
+            parse_networks(settings.agi_allowed_peers),
+            max_per_peer=settings.agi_max_calls_per_peer,
+        )
+        if admission.open_to_all:
+            log.warning(
+                "CALLERID_AGI_ALLOWED_PEERS is not set: any host that reaches %s may open "
+                "FastAGI sessions; set it to your Asterisk servers' addresses",
+                settings.agi_listen,
+            )
         self.server = AgiServer(
             flow,
             self.metrics,
             max_calls=settings.max_calls,
             command_timeout=settings.command_timeout,
+            environment_timeout=settings.environment_timeout,
+            admission=admission,
         )
         await self.server.start(*parse_listen(settings.agi_listen))
         host, port = parse_listen(settings.http_listen)

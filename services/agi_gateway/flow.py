@@ -1,4 +1,4 @@
-"""The call flow of an identification node (DESIGN §1–3), over one AGI session.
+"""The call flow of an identification node (docs/design.md §1–3), over one AGI session.
 
 Select the node, answer, collect the entry, ask the `Identifier` within the node's CRM budget,
 write the decision and end. Destinations of type 9 (another identification node) are followed
@@ -36,6 +36,7 @@ from agi_gateway.decisions import (
     reply_decision,
 )
 from agi_gateway.metrics import GatewayMetrics
+from agi_gateway.protocol import Environment
 from agi_gateway.routing import JumpTemplates, apply_decision
 from agi_gateway.session import AgiPeerError, AgiSession, AgiTimeout, CallerHungUp
 from shared.destination import IDENTIFICATION_NODE_TYPE, Destination
@@ -48,6 +49,8 @@ from shared.ports import Identifier, IdentifyTimeout, IdentifyUnavailable
 log = logging.getLogger(__name__)
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+CLOSED_BEFORE_CALL = "closed_before_call"  # a sessions_rejected reason
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines about refused calls
 _SCRIPT_PREFIX = "identify/"
 # Bytes that may travel in a request's informational fields (never written to the AGI socket).
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -58,7 +61,6 @@ class FlowSettings:
     jumps: JumpTemplates
     fallback: Destination | None = None
     max_hops: int = 5
-    environment_timeout: float = 5.0
     # Slack past the node's CRM budget before the gateway stops waiting on its own; the
     # identifier normally raises IdentifyTimeout at the deadline itself.
     deadline_slack: float = 0.05
@@ -96,17 +98,26 @@ class CallFlow:
         self._settings = settings
         self._clock = clock
         self._monotonic = monotonic
+        self._refusals = _RefusalLog(monotonic)
 
-    async def handle(self, session: AgiSession, abort: asyncio.Future[None]) -> Decision:
+    async def handle(
+        self, session: AgiSession, environment: Environment, abort: asyncio.Future[None]
+    ) -> Decision:
         """Run one call to its decision and hand the decision to Asterisk."""
         started = self._monotonic()
-        env = (await session.environment(self._settings.environment_timeout)).variables
+        env = environment.variables
         node_id = requested_node(env)
         channel = AgiChannel(session)
         label = UNKNOWN_NODE
         decision: Decision | None = None
         try:
             decision, label = await self._run(channel, env, node_id, abort)
+            if decision.outcome is Outcome.HANGUP and not session.answered:
+                # Gone before Asterisk answered a single command: no call ever ran (a real
+                # Asterisk answers the first one even after a hang-up). Not a call of a node.
+                self._metrics.sessions_rejected.labels(CLOSED_BEFORE_CALL).inc()
+                log.debug("AGI session closed before its call started (node %s)", node_id)
+                return decision
             self._record(label, decision)
             with contextlib.suppress(CallerHungUp):  # Asterisk closed the socket: nothing to tell
                 await apply_decision(channel, decision, self._settings.jumps)
@@ -134,14 +145,21 @@ class CallFlow:
             (self._monotonic() - started) * 1000,
         )
 
-    async def reject(self, session: AgiSession, reason: str) -> None:
-        """Turn a call away without collecting anything (over capacity, draining)."""
-        await session.environment(self._settings.environment_timeout)
-        decision = config_error_decision(self._settings.fallback)
-        self._record(UNKNOWN_NODE, decision)
-        log.warning("call refused (%s): routed to the fallback %s", reason, decision.destination)
+    async def reject(self, session: AgiSession, environment: Environment, reason: str) -> None:
+        """Turn a call away without collecting anything (over capacity, draining, peer limit).
+
+        It still leaves with a destination: the gateway-wide fallback, else the requested
+        node's failover. The server counts the refusal (once); it is not a call of a node.
+        """
+        node_id = requested_node(environment.variables)
+        node = self._nodes().get(node_id) if node_id is not None else None
+        decision = self._cannot_run(node) if node is not None else self._fallback_decision()
+        self._refusals.note(reason, decision.destination)
         with contextlib.suppress(CallerHungUp):
             await apply_decision(AgiChannel(session), decision, self._settings.jumps)
+
+    def _fallback_decision(self) -> Decision:
+        return config_error_decision(self._settings.fallback)
 
     async def _run(
         self,
@@ -261,3 +279,27 @@ class CallFlow:
 
     def _record(self, label: str, decision: Decision) -> None:
         self._metrics.calls.labels(label, decision.outcome.value, decision.source.value).inc()
+
+
+class _RefusalLog:
+    """One WARNING per refusal reason a minute at most: under a flood of connections (an
+    attack, a PBX far over capacity) the log must not become the next bottleneck."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, reason: str, destination: Destination | None) -> None:
+        self._since[reason] = self._since.get(reason, 0) + 1
+        now = self._clock()
+        last = self._last.get(reason)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return
+        log.warning(
+            "call refused (%s): routed to %s (%d refused for this reason since the last line)",
+            reason,
+            destination or "no destination (set CALLERID_FALLBACK_DESTINATION)",
+            self._since.pop(reason),
+        )
+        self._last[reason] = now

@@ -1,9 +1,13 @@
-"""The FastAGI TCP server: accepts Asterisk connections, bounds them, drains on shutdown.
+"""The FastAGI TCP server: accepts Asterisk connections, admits them, drains on shutdown.
 
-Each connection gets its own `AgiSession` and runs `CallFlow.handle`; the socket is closed on
-every path (Asterisk keeps the channel up while the socket is open). Over `max_calls` live
-sessions, or while draining, a connection is still answered — with `config_error` and the
-gateway-wide fallback — so the dialplan always gets `OML_IDENT_OUTCOME`.
+Each connection gets its own `AgiSession`; the socket is closed on every path (Asterisk keeps
+the channel up while the socket is open). Admission (`admission`) runs at accept: a peer
+outside `CALLERID_AGI_ALLOWED_PEERS` is closed before anything is read. A connection holds no
+call slot while its environment block is coming in; once it is complete, a call over
+`max_calls` live calls, over the peer's own cap, or while draining is still answered — with
+`config_error` and the gateway-wide fallback, never an empty destination — so the dialplan
+always gets `OML_IDENT_OUTCOME`. Each refusal is counted once, in
+`callerid_agi_sessions_rejected_total`, not as a call of a node.
 
 Drain (SIGTERM): stop listening, let live calls finish for `drain_timeout`, then set the abort
 event so calls waiting for the CRM take their failover destination at once, and finally cancel
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from agi_gateway.admission import Admission, peer_host
 from agi_gateway.flow import CallFlow
 from agi_gateway.metrics import GatewayMetrics
 from agi_gateway.session import AgiSession, AgiSessionError, NoEnvironment
@@ -32,20 +37,32 @@ class AgiServer:
         *,
         max_calls: int = 5000,
         command_timeout: float = 10.0,
+        environment_timeout: float = 5.0,
+        admission: Admission | None = None,
     ) -> None:
         self._flow = flow
         self._metrics = metrics
         self._max_calls = max_calls
         self._command_timeout = command_timeout
+        self._environment_timeout = environment_timeout
+        self._admission = admission or Admission()
         self._server: asyncio.Server | None = None
+        # Every session's task (drain waits for them all); `_in_call` of them hold a call slot.
         self._calls: set[asyncio.Task[None]] = set()
+        self._in_call = 0
         # Done when a drain runs out of time; the flows waiting for the CRM race it.
         self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._draining = False
 
     @property
     def live_calls(self) -> int:
+        """Open sessions, whether their call has started or their environment is coming."""
         return len(self._calls)
+
+    @property
+    def calls_in_progress(self) -> int:
+        """Sessions holding a call slot (their environment is complete)."""
+        return self._in_call
 
     @property
     def serving(self) -> bool:
@@ -66,23 +83,40 @@ class AgiServer:
         log.info("FastAGI listening on %s:%d", *self.address)
 
     def _new_session(self) -> AgiSession:
-        return AgiSession(self._start_call, command_timeout=self._command_timeout)
+        return AgiSession(self._start_session, command_timeout=self._command_timeout)
 
-    def _start_call(self, session: AgiSession) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(session))
+    def _start_session(self, session: AgiSession) -> None:
+        host = peer_host(session.peername)
+        refusal = self._admission.admit(host)
+        if refusal == "peer_not_allowed":
+            self._metrics.sessions_rejected.labels(refusal).inc()
+            session.abort()  # nothing read, nothing written: not a call
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(session, host, refusal))
         self._calls.add(task)
         self._metrics.sessions_live.inc()
 
-    async def _serve(self, session: AgiSession) -> None:
+    async def _serve(self, session: AgiSession, host: str | None, refusal: str | None) -> None:
         task = asyncio.current_task()
         assert task is not None
+        admitted = refusal is None  # then counted against its peer until the end
         try:
-            if self._draining or len(self._calls) > self._max_calls:
-                reason = "draining" if self._draining else "over_capacity"
-                self._metrics.sessions_rejected.labels(reason).inc()
-                await self._flow.reject(session, reason)
-            else:
-                await self._flow.handle(session, self._abort)
+            # No call slot while the environment is coming in: a peer that connects and
+            # stalls is dropped after the environment timeout without taking one.
+            environment = await session.environment(self._environment_timeout)
+            if refusal is None and self._draining:
+                refusal = "draining"
+            elif refusal is None and self._in_call >= self._max_calls:
+                refusal = "over_capacity"
+            if refusal is not None:
+                self._metrics.sessions_rejected.labels(refusal).inc()
+                await self._flow.reject(session, environment, refusal)
+                return
+            self._in_call += 1
+            try:
+                await self._flow.handle(session, environment, self._abort)
+            finally:
+                self._in_call -= 1
         except NoEnvironment as exc:
             self._metrics.sessions_rejected.labels("bad_environment").inc()
             log.warning("AGI connection dropped: %s", exc)
@@ -93,6 +127,8 @@ class AgiServer:
         finally:
             session.close()
             self._metrics.sessions_live.dec()
+            if admitted:
+                self._admission.leave(host)
             self._calls.discard(task)
 
     async def drain(self, timeout: float) -> None:

@@ -89,6 +89,7 @@ class AgiSession(asyncio.Protocol):
         # the flow waits for the CRM) and keeps a pre-sent reply from answering a later command.
         self._reply: Reply | None = None
         self._awaiting = False  # a command was written and its reply not taken yet
+        self._answered = False  # some command has had its reply
         # The flow waiting for its reply: woken when it is in, or at the end.
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None  # set while the transport is paused
@@ -147,6 +148,23 @@ class AgiSession(asyncio.Protocol):
     @property
     def hung_up(self) -> bool:
         return self.hangup.done()
+
+    @property
+    def peername(self) -> object:
+        """The peer's address as the transport reports it (a tuple for TCP)."""
+        return None if self._transport is None else self._transport.get_extra_info("peername")
+
+    @property
+    def answered(self) -> bool:
+        """Whether Asterisk has answered any command yet. A real Asterisk always answers the
+        first one (the gateway's first command works on a hung-up channel too), so a session
+        that ends before that never ran a call: a probe, a scanner, a half-open socket."""
+        return self._answered
+
+    def abort(self) -> None:
+        """Drop the connection at once, unread and unanswered (a refused peer)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def raise_if_broken(self) -> None:
         """Raise AgiPeerError if the session ended because the peer broke the protocol.
@@ -220,6 +238,7 @@ class AgiSession(asyncio.Protocol):
                 self._peer_broke(AgiProtocolError(f"reply without a command: {event.text[:40]!r}"))
                 return
             self._reply = event
+            self._answered = True
             self._wake()
         elif isinstance(event, Environment):
             if not self._environment.done():

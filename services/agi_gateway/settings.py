@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Annotated, Any
 
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from agi_gateway.admission import parse_networks
 from agi_gateway.routing import JumpTemplates
 from shared.destination import Destination
 from shared.settings import CommonSettings, parse_listen
@@ -16,10 +20,24 @@ class GatewaySettings(CommonSettings):
         default=False,
         description="Run the resolver in this process (the default when no AMQP URL is set).",
     )
+    agi_allowed_peers: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated addresses or CIDRs that may open FastAGI sessions (your "
+        "Asterisk servers); others are closed at accept. Empty: any peer (warned at start-up).",
+    )
+    agi_max_calls_per_peer: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Live FastAGI sessions one address may hold; 0: no cap below "
+        "CALLERID_MAX_CALLS. Beyond it a call gets config_error and the fallback.",
+    )
     drain_timeout: float = Field(default=20.0, ge=0, le=3600)
     max_calls: int = Field(default=5000, ge=1, le=100_000)
     command_timeout: float = Field(default=10.0, ge=0.5, le=120)
-    environment_timeout: float = Field(default=5.0, ge=0.1, le=60)
+    # Asterisk sends the whole environment block as soon as it connects; a connection that
+    # has not within this time holds no call slot meanwhile and is then dropped.
+    environment_timeout: float = Field(default=2.0, ge=0.1, le=60)
     fallback_destination: Destination | None = None
     jump_templates: dict[str, str] = Field(default_factory=dict)
     max_hops: int = Field(default=5, ge=0, le=20)
@@ -31,6 +49,14 @@ class GatewaySettings(CommonSettings):
         default=True,
         description="Answer cached callers from the cache before asking a resolver.",
     )
+
+    @field_validator("agi_allowed_peers", mode="before")
+    @classmethod
+    def _peers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(peer.strip() for peer in value.split(",") if peer.strip())
+        parse_networks(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("agi_listen")
     @classmethod
