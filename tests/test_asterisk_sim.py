@@ -41,6 +41,7 @@ from tools.asterisk_sim import (
     PIPELINED,
     CallResult,
     CallScript,
+    HangupMode,
     SimulatedChannel,
     _app_separate_args_by_char,
     _Call,
@@ -509,8 +510,14 @@ async def test_rejected_commands_are_answered_like_asterisk_and_recorded() -> No
     unknown, usage, cr, open_quote, unquoted, answer = cast(list[Reply], answered)
     assert unknown.code == 510
     assert usage.code == 520
-    assert usage.text.startswith("520-Invalid command syntax.")
-    assert "Usage: GET DATA" in usage.text
+    # As Asterisk 22.10.1 sends it: the command's XML description, markup and all (checked
+    # against the real one in tests/asterisk/test_differential.py).
+    assert usage.text == (
+        "520-Invalid command syntax.  Proper usage follows:\n"
+        "Stream the given <replaceable>file</replaceable>, and receive DTMF data.\n"
+        "Returns the digits received from the channel at the other end.\n"
+        "520 End of proper usage."
+    )
     assert cr.text == "200 result=1"
     assert open_quote.text == "200 result=1"
     assert unquoted.text == "200 result=0"
@@ -520,6 +527,56 @@ async def test_rejected_commands_are_answered_like_asterisk_and_recorded() -> No
     for expected in ("unknown command", "bad arguments", "CR inside", "unbalanced", "EXEC"):
         assert expected in errors
     assert len(result.protocol_errors) == 6  # the CR line has an unbalanced quote too
+
+
+def test_channel_status_by_name_and_with_too_many_arguments() -> None:
+    """CHANNEL STATUS answers the channel's state, also when named by its own name; any other
+    name gets -1 (recorded: the simulator has no other channels); more arguments get the
+    usage block, as handle_channelstatus does."""
+    channel = SimulatedChannel(CallScript(channel_up=True))
+    assert channel.handle(b"CHANNEL STATUS") == "200 result=6"
+    assert channel.handle(f"CHANNEL STATUS {channel.name}".encode()) == "200 result=6"
+    assert channel.handle(b"CHANNEL STATUS SIP/other-1") == "200 result=-1"
+    usage = channel.handle(b"CHANNEL STATUS one two")
+    assert usage.startswith(
+        "520-Invalid command syntax.  Proper usage follows:\n"
+        "Returns the status of the specified <replaceable>channelname</replaceable>."
+    )
+    assert usage.endswith("    <enum>7</enum> - Line is busy.\n520 End of proper usage.")
+    assert channel.protocol_errors == [
+        "CHANNEL STATUS of another channel: 'SIP/other-1'",
+        "bad arguments: 'CHANNEL STATUS one two'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hangup", "commands", "replies", "hangups"),
+    [
+        (None, [b"NOOP\n"], ["200 result=0"], 0),
+        # The caller's hang-up has its own HANGUP; closing brings one more.
+        ("prompt", [b'GET DATA "p" 5000 5\n', b"NOOP\n"], ["200 result=-1", "200 result=0"], 1),
+    ],
+)
+async def test_the_agi_ends_with_hangup_when_the_gateway_closes_its_side(
+    hangup: HangupMode, commands: list[bytes], replies: list[str], hangups: int
+) -> None:
+    """When the gateway closes its side, the AGI ends with one last HANGUP line and then the
+    end of the stream (the end of run_agi, AGISIGHUP's default), hung up before or not: a
+    gateway that half-closes and reads on sees it."""
+
+    async def scenario(gw: FakeGateway) -> tuple[list[str], int, bytes]:
+        await gw.environment()
+        texts = [(await gw.send_raw(command)).text for command in commands]
+        gw.writer.write_eof()
+        async with asyncio.timeout(WAIT):
+            rest = await gw.reader.read()  # up to the end of the stream
+        return texts, gw.hangups, rest
+
+    async with fake_gateway(scenario) as served:
+        result = await run_call("127.0.0.1", served.port, CallScript(hangup=hangup), timeout=WAIT)
+        answered = await asyncio.wait_for(served.done, WAIT)
+    assert answered == (replies, hangups, b"HANGUP\n")
+    assert result.closed_by_gateway
 
 
 def test_environment_is_sent_in_several_writes_network_lines_first() -> None:

@@ -400,7 +400,8 @@ async def test_buffered_lines_go_one_per_arrival_while_the_socket_has_unread_byt
     """Of lines written together only the first is answered. The next arrival lets the
     buffered lines through one by one while its bytes are unread, then the new bytes are
     read: their first line is answered and the rest wait again. At the end of the stream
-    every buffered line is answered. Each read that leaves a whole line behind is recorded."""
+    every buffered line is answered, then HANGUP ends the AGI. Each read that leaves a whole
+    line behind is recorded."""
     call, channel, transport = held_call(CallScript())
     call.data_received(b"ANSWER\nCHANNEL STATUS\nNOOP\n")
     assert transport.written == [b"200 result=0\n"]
@@ -408,7 +409,8 @@ async def test_buffered_lines_go_one_per_arrival_while_the_socket_has_unread_byt
     assert transport.written[1:] == [b"200 result=6\n", b"200 result=0\n", b"200 result=1\n"]
     assert channel.commands[-1] == 'VERBOSE "a" 1'
     call.eof_received()
-    assert transport.written[4:] == [b"200 result=1\n"]
+    # The last buffered line's reply, then the AGI ends: run_agi's closing HANGUP.
+    assert transport.written[4:] == [b"200 result=1\n", b"HANGUP\n"]
     assert channel.variables == {"A": "1"}
     assert await call.finished is True
     assert channel.protocol_errors == [PIPELINED, PIPELINED]

@@ -55,7 +55,12 @@ Asterisk 22.10.1 behaviour reproduced here, with where it was checked in its sou
 - After the caller hangs up, Asterisk sends one unprompted "HANGUP" line (after the reply of
   the command it interrupted) and then answers 511 to every command not marked dead-safe.
   Dead-safe are SET VARIABLE, EXEC, VERBOSE, NOOP, GET VARIABLE and GET FULL VARIABLE (and
-  DATABASE, not emulated).
+  DATABASE, not emulated). When the gateway closes its side, the AGI ends with one more
+  "HANGUP" line, hung up or not (the end of `run_agi`, AGISIGHUP's default); only a gateway
+  that half-closes and reads on sees it.
+- A malformed command gets `520-Invalid command syntax.  Proper usage follows:`, the
+  command's XML description as res_agi keeps it (one line per paragraph, inline markup such
+  as <literal> left in), and `520 End of proper usage.` (`agi_handle_command`).
 - GET DATA <file> [timeout] [maxdigits] (`handle_getdata`; `ast_app_getdata_full`, main/app.c;
   `ast_readstring_full`, main/channel.c): ONE timeout, for the first digit and between
   digits; 0 or absent: fixed 6000 ms first / 2000 ms between; negative: forever. TIMEOUT(...)
@@ -102,6 +107,8 @@ Asterisk 22.10.1 behaviour reproduced here, with where it was checked in its sou
   99 parts, then each part on its first `=`, and sets the pairs in order, as SET VARIABLE does;
   a part without `=` is ignored with a warning. It answers `200 result=0`, as Set does (also
   when it sets nothing). An unknown application answers `200 result=-2` (`handle_exec`).
+- CHANNEL STATUS answers the channel's state (6 up, 4 ringing); with a channel name, -1
+  unless it is this channel's (there are no others); with more arguments, the usage text.
 - SAY DIGITS answers `200 result=0` at once (as Asterisk does when the digit sounds are
   missing); its number must start with an integer (sscanf "%d"), or the usage text comes back.
 
@@ -114,6 +121,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import itertools
 import re
 import sys
 import time
@@ -156,6 +164,9 @@ GETDATA_TIMEOUT = 1
 GETDATA_EMPTY_END_TERMINATED = 3  # a terminator as the first key
 
 
+_CALLER_NUMBERS = itertools.count(1234)
+
+
 @dataclass
 class CallScript:
     """What the simulated caller does on one call."""
@@ -177,7 +188,9 @@ class CallScript:
     missing_prompt: bool = False  # GET DATA / STREAM FILE answer -1, Read ERROR; channel stays up
     # Delay each entry's reply by the time it takes the caller (pauses, the ending timeout).
     realtime: bool = False
-    caller_number: str = "5551234"
+    # A number of its own per call by default: real load comes from many callers, and the
+    # gateway limits how many ids one calling number may try (agi_gateway.limits).
+    caller_number: str = field(default_factory=lambda: f"555{next(_CALLER_NUMBERS) % 10**7:07d}")
     caller_name: str = "Test Caller"
     uniqueid: str = "1700000000.1"
     context: str = "from-pstn"
@@ -335,28 +348,102 @@ def _usage(*lines: str) -> str:
     return f"520-Invalid command syntax.  Proper usage follows:\n{body}520 End of proper usage."
 
 
+# res_agi's usage text is the command's XML <description> (ast_xmldoc_build_description, at
+# registration): one line per paragraph, white space collapsed, inline markup such as
+# <literal> left in, list items indented. As Asterisk 22.10.1 sends it (with its documentation
+# installed; tests/asterisk/test_differential.py compares every reachable one).
 _USAGE = {
-    "ANSWER": _usage(" Usage: ANSWER", "       Answers channel if not already in answer state."),
-    "CHANNEL STATUS": _usage(" Usage: CHANNEL STATUS [<channelname>]"),
+    # Unreachable: handle_answer never asks for its usage (kept from the XML for completeness).
+    "ANSWER": _usage(
+        "Answers channel if not already in answer state. Returns <literal>-1</literal> on "
+        "channel failure, or <literal>0</literal> if successful."
+    ),
+    "CHANNEL STATUS": _usage(
+        "Returns the status of the specified <replaceable>channelname</replaceable>. If no "
+        "channel name is given then returns the status of the current channel.",
+        "Return values:",
+        "    <enum>0</enum> - Channel is down and available.",
+        "    <enum>1</enum> - Channel is down, but reserved.",
+        "    <enum>2</enum> - Channel is off hook.",
+        "    <enum>3</enum> - Digits (or equivalent) have been dialed.",
+        "    <enum>4</enum> - Line is ringing.",
+        "    <enum>5</enum> - Remote end is ringing.",
+        "    <enum>6</enum> - Line is up.",
+        "    <enum>7</enum> - Line is busy.",
+    ),
     "GET DATA": _usage(
-        " Usage: GET DATA <file to be streamed> [timeout] [maxdigits]",
-        "       Stream the given file, and receive DTMF data.",
+        "Stream the given <replaceable>file</replaceable>, and receive DTMF data.",
+        "Returns the digits received from the channel at the other end.",
     ),
     "STREAM FILE": _usage(
-        " Usage: STREAM FILE <filename> <escape digits> [sample offset]",
-        "       Send the given file, allowing playback to be interrupted by the given digits.",
+        "Send the given file, allowing playback to be interrupted by the given digits, if any. "
+        "Returns <literal>0</literal> if playback completes without a digit being pressed, or "
+        "the ASCII numerical value of the digit if one was pressed, or <literal>-1</literal> "
+        "on error or if the channel was disconnected. If musiconhold is playing before "
+        "calling stream file it will be automatically stopped and will not be restarted after "
+        "completion.",
+        "It sets the following channel variables upon completion:",
+        "<variable>PLAYBACKSTATUS</variable>: The status of the playback attempt as a text string.",
+        "    <value>SUCCESS</value>",
+        "    <value>FAILED</value>",
     ),
-    "SAY DIGITS": _usage(" Usage: SAY DIGITS <number> <escape digits>"),
-    "WAIT FOR DIGIT": _usage(" Usage: WAIT FOR DIGIT <timeout>"),
-    "SET VARIABLE": _usage(" Usage: SET VARIABLE <variablename> <value>"),
-    "GET VARIABLE": _usage(" Usage: GET VARIABLE <variablename>"),
-    "GET FULL VARIABLE": _usage(" Usage: GET FULL VARIABLE <variablename> [<channel name>]"),
-    "EXEC": _usage(" Usage: EXEC <application> <options>"),
-    "SET CONTEXT": _usage(" Usage: SET CONTEXT <desired context>"),
-    "SET EXTENSION": _usage(" Usage: SET EXTENSION <new extension>"),
-    "SET PRIORITY": _usage(" Usage: SET PRIORITY <priority>"),
-    "SET MUSIC": _usage(" Usage: SET MUSIC <on|off> <class>"),
-    "VERBOSE": _usage(" Usage: VERBOSE <message> <level>"),
+    "SAY DIGITS": _usage(
+        "Say a given digit string, returning early if any of the given DTMF digits are "
+        "received on the channel. Returns <literal>0</literal> if playback completes without "
+        "a digit being pressed, or the ASCII numerical value of the digit if one was pressed "
+        "or <literal>-1</literal> on error/hangup."
+    ),
+    "WAIT FOR DIGIT": _usage(
+        "Waits up to <replaceable>timeout</replaceable> milliseconds for channel to receive a "
+        "DTMF digit. Returns <literal>-1</literal> on channel failure, <literal>0</literal> if "
+        "no digit is received in the timeout, or the numerical value of the ascii of the digit "
+        "if one is received. Use <literal>-1</literal> for the <replaceable>timeout</replaceable> "
+        "value if you desire the call to block indefinitely."
+    ),
+    "SET VARIABLE": _usage("Sets a variable to the current channel."),
+    "GET VARIABLE": _usage(
+        "Returns <literal>0</literal> if <replaceable>variablename</replaceable> is not set. "
+        "Returns <literal>1</literal> if <replaceable>variablename</replaceable> is set and "
+        "returns the variable in parentheses.",
+        "Example return code: 200 result=1 (testvariable)",
+    ),
+    "GET FULL VARIABLE": _usage(
+        "Evaluates the given <replaceable>expression</replaceable> against the channel "
+        "specified by <replaceable>channelname</replaceable>, or the current channel if "
+        "<replaceable>channelname</replaceable> is not provided.",
+        "Unlike GET VARIABLE, the <replaceable>expression</replaceable> is processed in a "
+        "manner similar to dialplan evaluation, allowing complex and built-in variables to be "
+        "accessed, e.g. <literal>The time is ${EPOCH}</literal>",
+        "Returns <literal>0</literal> if no channel matching "
+        "<replaceable>channelname</replaceable> exists, <literal>1</literal> otherwise.",
+        "Example return code: 200 result=1 (The time is 1578493800)",
+    ),
+    "EXEC": _usage(
+        "Executes <replaceable>application</replaceable> with given "
+        "<replaceable>options</replaceable>.",
+        "Returns whatever the <replaceable>application</replaceable> returns, or "
+        "<literal>-2</literal> on failure to find <replaceable>application</replaceable>.",
+        "<note>NOTE:</note> exec does not evaluate dialplan functions and variables unless it "
+        "is explicitly enabled by setting the <variable>AGIEXECFULL</variable> variable to "
+        "<literal>yes</literal>.",
+    ),
+    "SET CONTEXT": _usage("Sets the context for continuation upon exiting the application."),
+    "SET EXTENSION": _usage("Changes the extension for continuation upon exiting the application."),
+    "SET PRIORITY": _usage(
+        "Changes the priority for continuation upon exiting the application. The priority "
+        "must be a valid priority or label."
+    ),
+    "SET MUSIC": _usage(
+        "Enables/Disables the music on hold generator. If <replaceable>class</replaceable> is "
+        "not specified, then the <literal>default</literal> music on hold class will be used. "
+        "This generator will be stopped automatically when playing a file.",
+        "Always returns <literal>0</literal>.",
+    ),
+    "VERBOSE": _usage(
+        "Sends <replaceable>message</replaceable> to the console via verbose message system. "
+        "<replaceable>level</replaceable> is the verbose level (1-4). Always returns "
+        "<literal>1</literal>"
+    ),
 }
 
 
@@ -708,6 +795,11 @@ class SimulatedChannel:
         return "200 result=0"
 
     def _channel_status(self, argv: Sequence[str]) -> str | None:
+        if len(argv) > 3:
+            return None
+        if len(argv) == 3 and argv[2] != self.name:  # a channel by name: none other exists here
+            self._error(f"CHANNEL STATUS of another channel: {argv[2][:40]!r}")
+            return "200 result=-1"
         return "200 result=6" if self.up else "200 result=4"
 
     def _prompt_fails(self, plays: bool = True) -> bool:
@@ -1307,6 +1399,8 @@ class _Call(asyncio.Protocol):
                 if not self._eof and not transport.is_closing():
                     return None
                 if not stdio:  # fgets finds nothing more: the AGI ends
+                    if not transport.is_closing():  # and run_agi's last word (AGISIGHUP)
+                        transport.write(b"HANGUP\n")
                     self._finish(True)
                     return None
                 self._channel._error("unterminated command line at end of stream: Asterisk runs it")
@@ -1489,9 +1583,10 @@ async def _run_many(args: argparse.Namespace) -> int:
             entries=list(entries),
             hangup=args.hangup,
             realtime=args.realtime,
-            caller_number=args.caller_number,
             uniqueid=f"{time.time():.0f}.{index}",
         )
+        if args.caller_number is not None:
+            script.caller_number = args.caller_number
         async with semaphore:
             started = time.monotonic()
             result: CallResult | BaseException
@@ -1540,7 +1635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="delay each entry's reply by the time the caller takes (pauses, timeouts)",
     )
-    parser.add_argument("--caller-number", default="5551234")
+    parser.add_argument(
+        "--caller-number", help="the calling number of every call (default: one per call)"
+    )
     parser.add_argument("--calls", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0, help="per call, seconds")
