@@ -30,7 +30,7 @@ from agi_gateway.metrics import GatewayMetrics
 from agi_gateway.routing import JumpTemplates
 from agi_gateway.server import AgiServer
 from agi_gateway.settings import GatewaySettings
-from crm_resolver.app import build_cache, build_resolver
+from crm_resolver.app import build_cache, build_resolver, unknown_environment
 from crm_resolver.metrics import ResolverMetrics
 from crm_resolver.ports import Cache
 from crm_resolver.settings import ResolverSettings
@@ -41,10 +41,36 @@ from shared.memory_bus import MemoryBus
 from shared.node_sources import NodeSource, NodeStore, source_from_setting
 from shared.nodes import ConfigError, NodeSet
 from shared.ports import Identifier
-from shared.settings import add_common_flags, parse_listen
+from shared.settings import NODES_REQUIRED, add_common_flags, parse_listen, settings_epilog
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+The FastAGI server Asterisk hands inbound calls to, to identify the caller.
+
+The dialplan runs AGI(agi://<this host>:4573/identify/<node>). The gateway prompts the caller,
+collects the customer id, gets a decision (locally, from the answer cache, or from the CRM
+through a crm-resolver) and sets OML_IDENT_OUTCOME, OML_DEST_TYPE and OML_DEST_ID on the
+channel, optionally jumping there. Without CALLERID_AMQP_URL (or with --embedded) it runs the
+resolver itself: one process, no broker.
+
+Configured by CALLERID_* environment variables; the few with a flag take the flag first.
+CALLERID_NODES (or --nodes) is required. At start-up a CALLERID_* variable that is not a
+setting is logged as a warning; an invalid value stops the gateway (exit 2)."""
+
+EPILOG_SETTINGS = (
+    ("nodes", "nodes YAML file, or redis://host:port/db for OMniLeads' hashes"),
+    ("amqp_url", "RabbitMQ URL; without it the resolver runs in this process (embedded)"),
+    ("redis_url", "Redis answer cache; scaled out, repeat callers are answered from it"),
+    ("agi_listen", "FastAGI address Asterisk connects to"),
+    ("http_listen", "/metrics, /healthz, /readyz"),
+    ("fallback_destination", '"type,id" for config_error calls (unknown node, overload)'),
+    ("jump_templates", 'JSON, destination type (or "*") -> "context,exten,priority" template'),
+    ("max_calls", "live calls; beyond it calls get config_error and the fallback"),
+    ("drain_timeout", "seconds live calls get to finish on SIGTERM"),
+    ("log_level", "DEBUG, INFO, WARNING, ERROR"),
+)
 
 
 class Gateway:
@@ -66,10 +92,18 @@ class Gateway:
         if nodes is not None:
             self.metrics.init_nodes(nodes.names())
             self.metrics.nodes_configured.set(len(nodes))
+            if not len(nodes):
+                log.warning(
+                    "no identification nodes in %s: the gateway runs, but every call ends at "
+                    "once with config_error (to CALLERID_FALLBACK_DESTINATION if set)",
+                    self.store.source.description if self.store else "the node source",
+                )
 
     async def start(self) -> None:
         """Load nodes (ConfigError if they are bad), connect, listen."""
         settings = self.settings
+        if settings.nodes is None:
+            raise ConfigError(NODES_REQUIRED)
         source: NodeSource = source_from_setting(settings.nodes)
         if settings.runs_embedded:
             # The embedded resolver needs the nodes' CRM secrets: a config naming one that is
@@ -91,6 +125,7 @@ class Gateway:
                 jumps=JumpTemplates(settings.jump_templates),
                 fallback=settings.fallback_destination,
                 max_hops=settings.max_hops,
+                limits=settings.limits,
                 show_customer_ids=settings.show_customer_ids,
             ),
         )
@@ -181,9 +216,14 @@ async def serve(settings: GatewaySettings) -> int:
     try:
         await gateway.start()
     except ConfigError as exc:
+        for message in unknown_environment(os.environ, None):  # a typo may be why
+            log.warning("%s", message)
         log.error("cannot start: %s", exc)
         await gateway.stop()
         return 2
+    assert gateway.store is not None
+    for message in unknown_environment(os.environ, gateway.store.current):
+        log.warning("%s", message)
     stop = runtime.stop_on_signals()
     await gateway.run_until(stop)
     await gateway.stop()
@@ -191,7 +231,11 @@ async def serve(settings: GatewaySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agi-gateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="agi-gateway",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_flags(parser)
     parser.add_argument("--agi-listen", help="host:port for FastAGI (CALLERID_AGI_LISTEN)")
     parser.add_argument(
@@ -201,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run the resolver in this process: no broker needed (CALLERID_EMBEDDED)",
     )
     parser.add_argument(
-        "--drain-timeout", type=float, help="seconds to let calls finish on SIGTERM"
+        "--drain-timeout",
+        type=float,
+        help="seconds to let calls finish on SIGTERM (CALLERID_DRAIN_TIMEOUT)",
     )
+    parser.epilog = settings_epilog(parser, GatewaySettings, EPILOG_SETTINGS)
     return runtime.start_service(parser, argv, GatewaySettings, serve)
 
 

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agi_gateway.channel import AgiChannel, Channel, CommandRefused, PromptMissing
@@ -35,6 +35,7 @@ from agi_gateway.decisions import (
     no_entry_decision,
     reply_decision,
 )
+from agi_gateway.limits import Limits, LimitSettings, caller_key
 from agi_gateway.metrics import GatewayMetrics
 from agi_gateway.protocol import Environment
 from agi_gateway.routing import JumpTemplates, apply_decision
@@ -61,6 +62,7 @@ class FlowSettings:
     jumps: JumpTemplates
     fallback: Destination | None = None
     max_hops: int = 5
+    limits: LimitSettings = field(default_factory=LimitSettings)
     # Slack past the node's CRM budget before the gateway stops waiting on its own; the
     # identifier normally raises IdentifyTimeout at the deadline itself.
     deadline_slack: float = 0.05
@@ -99,6 +101,7 @@ class CallFlow:
         self._clock = clock
         self._monotonic = monotonic
         self._refusals = _RefusalLog(monotonic)
+        self._limits = Limits(settings.limits, monotonic)
 
     async def handle(
         self, session: AgiSession, environment: Environment, abort: asyncio.Future[None]
@@ -199,11 +202,21 @@ class CallFlow:
         abort: asyncio.Future[None],
     ) -> Decision:
         collected = await collect_entry(channel, node)
+        caller = caller_key(env.get("agi_callerid", ""))
         if collected.customer_id is None:
+            if node.uses_crm and collected.last_entry_invalid:
+                self._limits.failed(caller)
             return no_entry_decision(node, last_entry_invalid=collected.last_entry_invalid)
         if not node.uses_crm:
             return entry_decision(node, collected.customer_id)
-        return await self._identify(channel, env, node, collected.customer_id, abort)
+        limit = self._limits.check(node.id, caller)
+        if limit is not None:
+            self._metrics.identifications_limited.labels(node.name, limit.value).inc()
+            return failover_decision(node, Outcome.CRM_ERROR, collected.customer_id)
+        decision = await self._identify(channel, env, node, collected.customer_id, abort)
+        if decision.outcome is Outcome.NOT_IDENTIFIED:
+            self._limits.failed(caller)
+        return decision
 
     async def _identify(
         self,

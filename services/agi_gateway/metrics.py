@@ -10,11 +10,20 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agi_gateway.limits import Limit
 from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, zero_init
 from shared.outcomes import Outcome, Source
 
 RPC_RESULTS = ("reply", "timeout", "unavailable")
 CACHE_RESULTS = ("hit", "miss", "error", "skipped")
+REJECTION_REASONS = (
+    "over_capacity",
+    "draining",
+    "bad_environment",
+    "peer_not_allowed",
+    "peer_limit",
+    "closed_before_call",
+)
 
 
 class GatewayMetrics:
@@ -46,6 +55,13 @@ class GatewayMetrics:
             ["node", "result"],
             registry=registry,
         )
+        self.identifications_limited = Counter(
+            "callerid_identifications_limited_total",
+            "CRM lookups refused by an enumeration limit (the call took its failover), by node "
+            "and limit (caller_lookups, caller_failures, anonymous_lookups, node_rate).",
+            ["node", "limit"],
+            registry=registry,
+        )
         self.late_replies = Counter(
             "callerid_late_replies_total",
             "Replies that arrived after their call had given up, or for no known request.",
@@ -63,7 +79,8 @@ class GatewayMetrics:
         )
         self.sessions_rejected = Counter(
             "callerid_agi_sessions_rejected_total",
-            "AGI connections refused, by reason (over_capacity, draining, bad_environment).",
+            "AGI connections refused or not counted as calls, by reason (over_capacity, "
+            "draining, bad_environment, peer_not_allowed, peer_limit, closed_before_call).",
             ["reason"],
             registry=registry,
         )
@@ -87,10 +104,11 @@ class GatewayMetrics:
         )
         zero_init(self.identify_requests, ((n, r) for n in names for r in RPC_RESULTS))
         zero_init(self.cache_lookups, ((n, r) for n in names for r in CACHE_RESULTS))
+        zero_init(self.identifications_limited, ((n, lim.value) for n in names for lim in Limit))
         zero_init(self.config_reloads, (("ok",), ("error",)))
         zero_init(
             self.sessions_rejected,
-            (("over_capacity",), ("draining",), ("bad_environment",)),
+            ((reason,) for reason in REJECTION_REASONS),
         )
         for name in names:
             self.identification_wait.labels(name)

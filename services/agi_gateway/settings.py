@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from agi_gateway.admission import parse_networks
+from agi_gateway.limits import LimitSettings
 from agi_gateway.routing import JumpTemplates
 from shared.destination import Destination
 from shared.settings import CommonSettings, parse_listen
@@ -31,6 +32,31 @@ class GatewaySettings(CommonSettings):
         le=100_000,
         description="Live FastAGI sessions one address may hold; 0: no cap below "
         "CALLERID_MAX_CALLS. Beyond it a call gets config_error and the fallback.",
+    )
+    caller_lookups_per_hour: int = Field(
+        default=30,
+        ge=1,
+        le=1_000_000,
+        description="CRM lookups one calling number may cause per hour (enumeration limit).",
+    )
+    caller_failures_per_hour: int = Field(
+        default=10,
+        ge=1,
+        le=1_000_000,
+        description="Invalid or unknown ids one calling number may enter per hour before its "
+        "lookups are refused (enumeration limit).",
+    )
+    anonymous_lookups_per_hour: int = Field(
+        default=600,
+        ge=1,
+        le=1_000_000,
+        description="CRM lookups per hour and node shared by all calls without a calling number.",
+    )
+    node_lookups_per_second: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="CRM lookups per second and node; 0: no limit.",
     )
     drain_timeout: float = Field(default=20.0, ge=0, le=3600)
     max_calls: int = Field(default=5000, ge=1, le=100_000)
@@ -73,3 +99,12 @@ class GatewaySettings(CommonSettings):
     @property
     def runs_embedded(self) -> bool:
         return self.embedded or not self.amqp_url
+
+    @property
+    def limits(self) -> LimitSettings:
+        return LimitSettings(
+            caller_lookups_per_hour=self.caller_lookups_per_hour,
+            caller_failures_per_hour=self.caller_failures_per_hour,
+            anonymous_lookups_per_hour=self.anonymous_lookups_per_hour,
+            node_lookups_per_second=self.node_lookups_per_second,
+        )
