@@ -407,7 +407,9 @@ class CallResult:
         """
         done = self._time(self.caller, "LAST_KEY_AT")
         sending = self._time(self.caller, "KEY_SENDING_AT")
-        if sending is None or (done is not None and done >= sending):
+        # Strictly after: the previous digit's end and the last digit's start are often
+        # stamped in the same millisecond, and a digit lasts at least 200 ms.
+        if sending is None or (done is not None and done > sending):
             return done
         duration_ms = self.caller.get("KEY_DURATION_MS", "")
         ended = sending + 0.1 + (int(duration_ms) if duration_ms.isdigit() else 100) / 1000
@@ -553,8 +555,8 @@ def inbound_context(
     lines = [f"[{name}]"]
     # Node ids are letters, digits, "_" and "-" ("-" is ignored in matching). One pattern
     # would match "h" too, and then a call that ends in this context would run it (the AGI!)
-    # again as its h extension; a literal h beside it has its own pitfall (NOTES.md). So two
-    # patterns that together match every id except "h" itself.
+    # again as its h extension; with a literal h beside it, the pattern's later priorities
+    # run again after h,1. So two patterns that together match every id except "h" itself.
     for pattern in ("_[0-9a-gi-zA-Z_]!", "_h[0-9a-zA-Z_]!"):
         for priority, app in enumerate(body, start=1):
             label = ""
