@@ -1,9 +1,9 @@
 """Identification node configuration: the model, its rules, and start-up error messages.
 
-The model is the single definition of a node's fields, ranges and defaults (DESIGN §4). Loading
-from a YAML file or from OMniLeads' Redis hashes lives in `node_sources`; both build the same
-`NodeConfig` through `build_nodes`, so a bad field produces the same message whichever source
-it came from: the node and the field are named.
+The model is the single definition of a node's fields, ranges and defaults (docs/design.md
+§4). Loading from a YAML file or from OMniLeads' Redis hashes lives in `node_sources`; both
+build the same `NodeConfig` through `build_nodes`, so a bad field produces the same message
+whichever source it came from: the node and the field are named.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from shared.asterisk_words import MAX_MUSIC_CLASS, MAX_SOUND, is_music_class, is_sound
 from shared.destination import DEFAULT_ALLOWED_TYPES, IDENTIFICATION_NODE_TYPE, Destination
 from shared.outcomes import Interaction
 
 # Asterisk sound names: path segments of letters, digits, '_', '-' and '.', no extension
 # needed. Anything else could not be a file name and could break the AGI quoting.
-_SOUND = re.compile(r"[A-Za-z0-9_\-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9_\-.]+)*")
 _NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
@@ -71,7 +71,7 @@ class NodeConfig(BaseModel):
     allowed_destination_types: frozenset[int] = DEFAULT_ALLOWED_TYPES
     cache_ttl_positive: float = Field(default=300, ge=0, le=86_400)
     cache_ttl_negative: float = Field(default=60, ge=0, le=86_400)
-    # Securing CRM calls (DESIGN §5), all off by default so an OMniLeads CRM works unchanged.
+    # Securing CRM calls (docs/design.md §5), all off by default: an OMniLeads CRM works as is.
     # Secrets never live in the config: these name environment variables the resolver reads.
     crm_token_env: str | None = None
     crm_signing_secret_env: str | None = None
@@ -133,11 +133,25 @@ class NodeConfig(BaseModel):
             raise ValueError("must be an http:// or https:// URL with a host, no spaces")
         return value
 
-    @field_validator("audio", "invalid_audio", "confirm_audio", "hold_music_class")
+    @field_validator("audio", "invalid_audio", "confirm_audio")
     @classmethod
     def _sound_name(cls, value: str | None) -> str | None:
-        if value is not None and not _SOUND.fullmatch(value):
-            raise ValueError("must be an Asterisk sound name (letters, digits, _ - . /)")
+        # The same rule the AGI commands apply: a node that loads can always be played.
+        if value is not None and not is_sound(value):
+            raise ValueError(
+                f"must be an Asterisk sound name (letters, digits, _ - . /) of at most "
+                f"{MAX_SOUND} characters"
+            )
+        return value
+
+    @field_validator("hold_music_class")
+    @classmethod
+    def _music_class(cls, value: str) -> str:
+        if not is_music_class(value):
+            raise ValueError(
+                f"must be a music-on-hold class (letters, digits, _ -) of at most "
+                f"{MAX_MUSIC_CLASS} characters"
+            )
         return value
 
     @field_validator("crm_token_env", "crm_signing_secret_env")
@@ -179,7 +193,25 @@ class NodeConfig(BaseModel):
                 f" (only {Interaction.CRM_DESTINATION.value} nodes may leave it out)"
             )
         if self.min_length > self.max_length:
-            raise ValueError("min_length: must not exceed max_length")
+            raise ValueError(
+                f"min_length: {self.min_length} exceeds max_length {self.max_length}"
+                " (no entry could be valid)"
+            )
+        # expected_length replaces min/max_length; one given beside it must agree with it, or
+        # the node says two things at once. Only given bounds count: the defaults (1..20) do
+        # not refuse an expected_length of 25.
+        given = self.model_fields_set
+        if self.expected_length is not None:
+            if "min_length" in given and self.min_length > self.expected_length:
+                raise ValueError(
+                    f"expected_length: {self.expected_length} is shorter than min_length"
+                    f" {self.min_length}; give expected_length alone, or bounds that include it"
+                )
+            if "max_length" in given and self.max_length < self.expected_length:
+                raise ValueError(
+                    f"expected_length: {self.expected_length} is longer than max_length"
+                    f" {self.max_length}; give expected_length alone, or bounds that include it"
+                )
         return self
 
     def static_destinations(self) -> list[tuple[str, Destination]]:
@@ -217,23 +249,21 @@ class NodeSet:
     """An immutable, validated set of nodes keyed by id."""
 
     def __init__(self, nodes: Iterable[NodeConfig]) -> None:
-        self._by_id: dict[str, NodeConfig] = {}
-        names: set[str] = set()
-        for node in nodes:
-            if node.id in self._by_id:
-                raise ConfigError(f"node {node.id!r}: id: duplicate node id")
-            if node.name in names:
-                raise ConfigError(f"node {node.id!r}: name: {node.name!r} is used by another node")
-            names.add(node.name)
-            self._by_id[node.id] = node
-        for node in self._by_id.values():
-            for field, destination in node.static_destinations():
-                dangling = str(destination.id) not in self._by_id
-                if destination.type == IDENTIFICATION_NODE_TYPE and dangling:
-                    raise ConfigError(
-                        f"node {node.id!r}: {field}: type 9 names node {destination.id},"
-                        " which is not configured"
-                    )
+        kept, refused = _consistent_set(nodes)
+        if refused:
+            raise ConfigError(next(iter(refused.values())))
+        self._by_id = kept
+
+    @classmethod
+    def lenient(cls, nodes: Iterable[NodeConfig]) -> tuple[NodeSet, dict[str, str]]:
+        """The nodes that fit together, and why each other one was left out (by node id): a
+        second node with the same id or name, or a type-9 destination naming a node that is
+        not in the set (checked again after each removal, as removing one can strand another).
+        """
+        kept, refused = _consistent_set(nodes)
+        node_set = cls([])
+        node_set._by_id = kept
+        return node_set, refused
 
     def get(self, node_id: str) -> NodeConfig | None:
         return self._by_id.get(node_id)
@@ -246,6 +276,35 @@ class NodeSet:
 
     def names(self) -> list[str]:
         return [node.name for node in self._by_id.values()]
+
+
+def _consistent_set(nodes: Iterable[NodeConfig]) -> tuple[dict[str, NodeConfig], dict[str, str]]:
+    """(kept by id, refused messages by id): the rules a node set keeps across nodes."""
+    kept: dict[str, NodeConfig] = {}
+    refused: dict[str, str] = {}
+    names: set[str] = set()
+    for node in nodes:
+        if node.id in kept:
+            refused.setdefault(node.id, f"node {node.id!r}: id: duplicate node id")
+        elif node.name in names:
+            refused[node.id] = f"node {node.id!r}: name: {node.name!r} is used by another node"
+        else:
+            names.add(node.name)
+            kept[node.id] = node
+    stranded = True
+    while stranded:
+        stranded = False
+        for node in list(kept.values()):
+            for field, destination in node.static_destinations():
+                if destination.type == IDENTIFICATION_NODE_TYPE and str(destination.id) not in kept:
+                    refused[node.id] = (
+                        f"node {node.id!r}: {field}: type 9 names node {destination.id},"
+                        " which is not configured"
+                    )
+                    del kept[node.id]
+                    stranded = True
+                    break
+    return kept, refused
 
 
 def build_node(raw: Mapping[str, Any], *, where: str = "") -> NodeConfig:

@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agi_gateway.commands import GetData, ReadDigits, SetMusic, StreamFile
 from shared.destination import DEFAULT_ALLOWED_TYPES, Destination
 from shared.nodes import ConfigError, NodeConfig, NodeSet, build_node, build_nodes
 from shared.outcomes import Interaction
@@ -34,7 +37,7 @@ def rejection(**changes: Any) -> str:
 
 
 def test_defaults_of_a_minimal_node() -> None:
-    """A node with only the required fields gets the documented defaults (DESIGN §4)."""
+    """A node with only the required fields gets the documented defaults (docs/design.md §4)."""
     n = node()
     assert n.id == "7"
     assert n.interaction is Interaction.NONE
@@ -212,6 +215,37 @@ def test_min_length_must_not_exceed_max_length() -> None:
     assert node(min_length=4, max_length=4).max_length == 4
 
 
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"expected_length": 5, "min_length": 6}, ("expected_length: 5", "min_length 6")),
+        ({"expected_length": 8, "max_length": 6}, ("expected_length: 8", "max_length 6")),
+        (
+            {"expected_length": 8, "min_length": 3, "max_length": 6},
+            ("expected_length: 8", "max_length 6"),
+        ),
+        ({"min_length": 7, "max_length": 6}, ("min_length: 7", "max_length 6")),
+    ],
+)
+def test_contradictory_length_rules_are_refused(
+    changes: dict[str, Any], named: tuple[str, ...]
+) -> None:
+    """Length rules no entry could satisfy are refused with a message naming both fields and
+    their values, so the operator sees which two lines of the node disagree."""
+    message = rejection(**changes)
+    assert message.startswith("nodes.yaml: node '7': ")
+    for text in named:
+        assert text in message
+
+
+def test_expected_length_with_agreeing_or_default_bounds_loads() -> None:
+    """expected_length alone ignores the default bounds (25 > the default max_length 20, as
+    OMniLeads' LENGTH may be); bounds given beside it that include it are accepted."""
+    assert node(expected_length=25).max_digits == 25
+    assert node(expected_length=5, min_length=5, max_length=5).max_digits == 5
+    assert node(expected_length=5, min_length=3, max_length=10).entry_is_valid("12345")
+
+
 def test_entry_validity_with_expected_length() -> None:
     """With expected_length, only entries of exactly that many digits are valid."""
     n = node(expected_length=5)
@@ -343,3 +377,23 @@ def test_a_node_caches_when_it_asks_a_crm_and_a_ttl_is_above_zero(
     changes: dict[str, Any], caches: bool
 ) -> None:
     assert node(**changes).caches is caches
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sound=st.one_of(st.text(max_size=300), st.from_regex(r"[a-z/._-]{1,300}", fullmatch=True)),
+    music=st.one_of(st.text(max_size=100), st.from_regex(r"[a-z_-]{1,100}", fullmatch=True)),
+)
+def test_a_node_that_loads_can_always_build_its_commands(sound: str, music: str) -> None:
+    """Node validation and the AGI commands share one rule for sound names and music classes:
+    whatever a node accepts, the commands that play it accept too (e.g. a 300-character AUDIO
+    is refused at load, not mid-call)."""
+    try:
+        loaded = node(audio=sound, confirm_audio=sound, invalid_audio=sound, hold_music_class=music)
+    except ConfigError:
+        return
+    ReadDigits("CALLERID_ENTRY", loaded.audio, loaded.max_digits)
+    GetData(loaded.confirm_audio, 5000, 1)
+    assert loaded.invalid_audio is not None
+    StreamFile(loaded.invalid_audio)
+    SetMusic(True, loaded.hold_music_class)

@@ -17,18 +17,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from shared.destination import Destination
 from shared.node_sources import (
     MAX_FILE_BYTES,
     NodeStore,
     RedisHashSource,
+    SourceRead,
     YamlFileSource,
     sound_name,
     source_from_setting,
 )
 from shared.nodes import ConfigError, NodeSet, build_nodes
 from shared.outcomes import Interaction
+from shared.settings import CommonSettings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nodes.yaml"
 REDIS_DB = 13
@@ -469,6 +472,89 @@ async def test_unreachable_redis_is_a_config_error_without_the_password() -> Non
     assert "s3cret" not in message
 
 
+# --------------------------------------------------------------------------- OMniLeads read-back
+
+
+@pytest.mark.integration
+async def test_read_back_is_given_to_every_node_from_the_hashes(
+    oml_redis: tuple[str, aioredis.Redis],
+) -> None:
+    """With `confirm=True` every node built from a hash reads the entry back and asks for the
+    given prompt, as OMniLeads' dialplan does; nothing else about the node changes."""
+    await write_hashes(oml_redis[1], GOLD_HASHES)
+    plain = RedisHashSource(oml_redis[0])
+    confirming = RedisHashSource(
+        oml_redis[0], confirm=True, confirm_audio="oml/es/oml-to-confirm-press-one"
+    )
+    try:
+        before, after = list(await plain.load()), list(await confirming.load())
+    finally:
+        await plain.close()
+        await confirming.close()
+    assert [n.confirm for n in before] == [False, False]
+    assert [(n.confirm, n.confirm_audio) for n in after] == [
+        (True, "oml/es/oml-to-confirm-press-one")
+    ] * 2
+    assert after == [
+        n.model_copy(update={"confirm": True, "confirm_audio": "oml/es/oml-to-confirm-press-one"})
+        for n in before
+    ]
+
+
+@pytest.mark.integration
+async def test_source_from_setting_reads_back_by_default_and_can_be_turned_off(
+    oml_redis: tuple[str, aioredis.Redis],
+) -> None:
+    """CALLERID_NODES=redis://...: nodes confirm with OMniLeads' own prompt unless
+    CALLERID_OMNILEADS_CONFIRM is off, and the prompt follows CALLERID_OMNILEADS_CONFIRM_AUDIO."""
+    await write_hashes(oml_redis[1], GOLD_HASHES)
+    sources = [
+        source_from_setting(oml_redis[0]),
+        source_from_setting(oml_redis[0], omnileads_confirm_audio="callerid-confirm"),
+        source_from_setting(oml_redis[0], omnileads_confirm=False),
+    ]
+    try:
+        loaded = [list(await source.load()) for source in sources]
+    finally:
+        for source in sources:
+            await source.close()
+    assert [{(n.confirm, n.confirm_audio) for n in nodes} for nodes in loaded] == [
+        {(True, "oml/en/oml-to-confirm-press-one")},
+        {(True, "callerid-confirm")},
+        {(False, "callerid-confirm")},  # the node's own default prompt, unused
+    ]
+
+
+async def test_omnileads_read_back_does_not_touch_a_yaml_file(tmp_path: Path) -> None:
+    """A YAML file says per node whether to confirm: the OMniLeads setting leaves it alone."""
+    path = write(tmp_path / "nodes.yaml", GOLD_YAML)
+    source = source_from_setting(str(path), omnileads_confirm=True)
+    assert isinstance(source, YamlFileSource)
+    assert [n.confirm for n in await source.load()] == [False, False]
+
+
+def test_omnileads_read_back_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CALLERID_OMNILEADS_CONFIRM is on unless turned off; the prompt must be a sound name."""
+    monkeypatch.delenv("CALLERID_OMNILEADS_CONFIRM", raising=False)
+    monkeypatch.delenv("CALLERID_OMNILEADS_CONFIRM_AUDIO", raising=False)
+    defaults = CommonSettings()
+    assert (defaults.omnileads_confirm, defaults.omnileads_confirm_audio) == (
+        True,
+        "oml/en/oml-to-confirm-press-one",
+    )
+    monkeypatch.setenv("CALLERID_OMNILEADS_CONFIRM", "false")
+    monkeypatch.setenv("CALLERID_OMNILEADS_CONFIRM_AUDIO", "oml/es/oml-to-confirm-press-one")
+    chosen = CommonSettings()
+    assert (chosen.omnileads_confirm, chosen.omnileads_confirm_audio) == (
+        False,
+        "oml/es/oml-to-confirm-press-one",
+    )
+    for bad in ("oml/../secret", "/etc/passwd", "two words", "oml/x;Hangup"):
+        monkeypatch.setenv("CALLERID_OMNILEADS_CONFIRM_AUDIO", bad)
+        with pytest.raises(ValidationError, match="omnileads_confirm_audio"):
+            CommonSettings()
+
+
 # --------------------------------------------------------------------------- NodeStore
 
 
@@ -486,18 +572,25 @@ def nodes_named(*names: str) -> NodeSet:
 
 
 class FakeSource:
-    """A source whose next load result the test sets."""
+    """A source whose next read the test sets: a set, a whole-source error, or a read with
+    some nodes refused."""
 
     description = "fake"
+    strict_start = True
 
-    def __init__(self, result: NodeSet | ConfigError) -> None:
+    def __init__(self, result: NodeSet | ConfigError | SourceRead) -> None:
         self.result = result
         self.closed = False
 
-    async def load(self) -> NodeSet:
+    async def read(self) -> SourceRead:
         if isinstance(self.result, ConfigError):
             raise self.result
-        return self.result
+        if isinstance(self.result, SourceRead):
+            return self.result
+        return SourceRead(tuple(self.result))
+
+    async def load(self) -> NodeSet:
+        return (await self.read()).strict()
 
     async def changed(self) -> bool:
         return True
@@ -529,10 +622,10 @@ async def test_bad_reload_keeps_the_last_good_set() -> None:
     source = FakeSource(good)
     calls = Calls()
     store = NodeStore(source, on_reload=calls)
-    assert await store.load_initial() is good
+    assert tuple(await store.load_initial()) == tuple(good)
     source.result = ConfigError("node '1': timeout: bad")
     assert await store.reload() is False
-    assert store.current is good
+    assert tuple(store.current) == tuple(good)
     assert calls.seen == [(False, None)]
 
 
@@ -548,8 +641,8 @@ async def test_good_reload_swaps_and_unchanged_reload_does_not() -> None:
     renamed = nodes_named("platinum")
     source.result = renamed
     assert await store.reload() is True
-    assert store.current is renamed
-    assert calls.seen == [(True, renamed)]
+    assert tuple(store.current) == tuple(renamed)
+    assert calls.seen == [(True, store.current)]
 
 
 async def test_repeated_errors_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:

@@ -28,9 +28,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from shared.asterisk_words import MAX_MUSIC_CLASS, MAX_SOUND, MUSIC_CLASS, SOUND
+
 # Printable ASCII minus the two characters parse_args gives a meaning inside quotes.
 _SAFE_TEXT = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
-_SOUND = re.compile(r"[A-Za-z0-9_\-./]+")
 _DIGITS = re.compile(r"[0-9]+")
 _ESCAPE_DIGITS = re.compile(r"[0-9*#]*")
 _VARIABLE = re.compile(r"_{0,2}[A-Za-z][A-Za-z0-9_]*")
@@ -38,7 +39,6 @@ _FUNCTION = re.compile(r"[A-Z_]+\([a-z_]+\)")
 # The only functions MSet writes: the channel's entry timeouts (Read() waits by them).
 _MSET_NAME = re.compile(f"{_VARIABLE.pattern}|TIMEOUT\\((?:response|digit)\\)")
 _APPLICATION = re.compile(r"[A-Za-z]+")
-_MUSIC_CLASS = re.compile(r"[A-Za-z0-9_\-]+")
 # What GET FULL VARIABLE may evaluate: plain `${NAME}` references and separators. No dialplan
 # functions: some have side effects, and none is needed to read what Read() left behind.
 _EXPRESSION = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|[,:|])+")
@@ -52,7 +52,6 @@ _LINE_BREAK = re.compile(r"[\r\n\0]")
 MAX_TIMEOUT_MS = 600_000
 MAX_DIGITS = 64
 MAX_READ_DIGITS = 255  # Read() takes 1..255 and quietly reads 255 for anything else
-MAX_SOUND = 255
 MAX_NAME = 80
 MAX_VALUE = 255
 MAX_OPTIONS = 1000  # Asterisk reads a command into a 2048-byte buffer
@@ -130,7 +129,7 @@ class GetData(Command):
     max_digits: int
 
     def __post_init__(self) -> None:
-        _text("prompt", self.prompt, max_len=MAX_SOUND, pattern=_SOUND)
+        _text("prompt", self.prompt, max_len=MAX_SOUND, pattern=SOUND)
         _int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS)
         _int("max_digits", self.max_digits, 1, MAX_DIGITS)
 
@@ -145,7 +144,7 @@ class StreamFile(Command):
     escape_digits: str = ""
 
     def __post_init__(self) -> None:
-        _text("filename", self.filename, max_len=MAX_SOUND, pattern=_SOUND)
+        _text("filename", self.filename, max_len=MAX_SOUND, pattern=SOUND)
         _text("escape_digits", self.escape_digits, max_len=12, pattern=_ESCAPE_DIGITS)
 
     def _arguments(self) -> tuple[str, ...]:
@@ -201,7 +200,7 @@ class ReadDigits(Command):
 
     def __post_init__(self) -> None:
         _text("variable", self.variable, max_len=MAX_NAME, pattern=_VARIABLE)
-        _text("prompt", self.prompt, max_len=MAX_SOUND, pattern=_SOUND)
+        _text("prompt", self.prompt, max_len=MAX_SOUND, pattern=SOUND)
         _int("max_digits", self.max_digits, 1, MAX_READ_DIGITS)
 
     def _arguments(self) -> tuple[str, ...]:
@@ -322,7 +321,7 @@ class SetMusic(Command):
     def __post_init__(self) -> None:
         if not isinstance(self.on, bool):
             raise CommandError(f"on: must be a bool, got {type(self.on).__name__}")
-        _text("music_class", self.music_class, max_len=MAX_NAME, pattern=_MUSIC_CLASS)
+        _text("music_class", self.music_class, max_len=MAX_MUSIC_CLASS, pattern=MUSIC_CLASS)
 
     def _arguments(self) -> tuple[str, ...]:
         return ("on", _quoted(self.music_class)) if self.on else ("off",)

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from shared.node_sources import NodeSource
+from shared.node_sources import NodeSource, SourceRead
 from shared.nodes import ConfigError, NodeConfig, NodeSet
 
 SECRET_PREFIX = "whsec_"
@@ -149,21 +149,32 @@ class CrmCredentials:
 
 
 class CheckedSource:
-    """A `NodeSource` whose loads also fail when a node's CRM credentials cannot be resolved,
-    so a reload that names a missing secret is refused and the last good config stays."""
+    """A `NodeSource` whose nodes also need their CRM credentials: a node naming a secret that
+    cannot be resolved is refused like any other bad node (alone, keeping its last good
+    version on a reload)."""
 
     def __init__(self, source: NodeSource, credentials: CrmCredentials) -> None:
         self._source = source
         self._credentials = credentials
         self.description = source.description
+        self.strict_start = source.strict_start
 
     async def load(self) -> NodeSet:
-        nodes = await self._source.load()
-        try:
-            self._credentials.check(nodes)
-        except ConfigError as exc:
-            raise ConfigError(f"{self.description}: {exc}") from None
-        return nodes
+        return (await self.read()).strict()
+
+    async def read(self) -> SourceRead:
+        read = await self._source.read()
+        nodes: list[NodeConfig] = []
+        rejected = dict(read.rejected)
+        for node in read.nodes:
+            try:
+                if node.uses_crm:
+                    self._credentials.for_node(node)
+            except ConfigError as exc:
+                rejected[node.id] = f"{self.description}: {exc}"
+            else:
+                nodes.append(node)
+        return SourceRead(tuple(nodes), rejected)
 
     async def changed(self) -> bool:
         return await self._source.changed()
