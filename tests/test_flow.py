@@ -7,6 +7,7 @@ tests); everything on the Asterisk side is the real server, session, parser and 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from agi_gateway.server import AgiServer
 from shared.destination import Destination
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import build_nodes
-from shared.outcomes import ErrorCode, Source, Verdict
+from shared.outcomes import ErrorCode, Outcome, Source, Verdict
 from shared.ports import IdentifyTimeout, IdentifyUnavailable
 from tools.asterisk_sim import CallResult, CallScript, run_call
 
@@ -37,6 +38,17 @@ NODES = [
         "on_not_identified": "1,4",
         "on_error": "1,9",
         "crm_timeout": 0.3,
+    },
+    {
+        "id": "ctx",
+        "name": "with-context",
+        "interaction": "crm_true_false",
+        "url": "http://127.0.0.1:9/identify",
+        "audio": "prompt",
+        "expected_length": 5,
+        "on_identified": "1,3",
+        "on_not_identified": "1,4",
+        "crm_send_context": True,
     },
     {
         "id": "local",
@@ -359,15 +371,14 @@ async def test_missing_prompt_is_not_mistaken_for_a_hangup(harness: Harness) -> 
 
 
 async def test_customer_id_reaches_the_request(harness: Harness) -> None:
-    """The request carries node, entry, caller number and call id; the deadline is the budget."""
+    """The request carries node, entry and call id; the caller number only when the node
+    sends context to the CRM (it would cross RabbitMQ for nothing otherwise)."""
     harness.identifier.answers["12345"] = verdict(Verdict.TRUE)
     await harness.call(CallScript(node="tf", entries=["12345"], caller_number="5551234"))
-    (request,) = harness.identifier.requests
-    assert (request.node_id, request.customer_id, request.caller_number) == (
-        "tf",
-        "12345",
-        "5551234",
-    )
+    await harness.call(CallScript(node="ctx", entries=["12345"], caller_number="5551234"))
+    plain, with_context = harness.identifier.requests
+    assert (plain.node_id, plain.customer_id, plain.caller_number) == ("tf", "12345", "")
+    assert (with_context.node_id, with_context.caller_number) == ("ctx", "5551234")
 
 
 def test_requested_node_prefers_the_script_path() -> None:
@@ -376,3 +387,47 @@ def test_requested_node_prefers_the_script_path() -> None:
     assert requested_node({"agi_network_script": "identify", "agi_arg_1": "9"}) == "9"
     assert requested_node({"agi_network_script": "identify/a b"}) is None
     assert requested_node({"agi_network_script": "identify/x\r\nHANGUP"}) is None
+
+
+# Each step of a call's path, made to raise in turn: (module attribute to replace, node, entry).
+_FAULTS = [
+    ("agi_gateway.flow.collect_entry", "tf", "12345"),
+    ("agi_gateway.flow.caller_key", "tf", "12345"),
+    ("agi_gateway.flow.Limits.check", "tf", "12345"),
+    ("agi_gateway.flow.IdentifyRequest", "tf", "12345"),
+    ("agi_gateway.flow.CallFlow._reply_decision", "tf", "12345"),
+    ("agi_gateway.flow.reply_decision", "tf", "12345"),
+    ("agi_gateway.flow.entry_decision", "local", "4567"),
+    ("agi_gateway.flow.no_entry_decision", "local", None),
+    ("agi_gateway.channel.AgiChannel.collect", "tf", "12345"),
+    ("agi_gateway.channel.read_result", "tf", "12345"),
+    ("agi_gateway.collect.CONFIRM_KEY", "tf", "12345"),  # not callable: a wrong type
+    ("agi_gateway.flow.requested_node", "tf", "12345"),
+]
+
+
+@pytest.mark.parametrize(("target", "node", "entry"), _FAULTS, ids=[f[0] for f in _FAULTS])
+async def test_a_call_keeps_a_decision_whichever_step_fails(
+    harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    target: str,
+    node: str,
+    entry: str | None,
+) -> None:
+    """Whatever step of the call's path raises (a bug, a fault nobody foresaw), the call still
+    leaves with OML_IDENT_OUTCOME and a destination, and the fault is logged once."""
+    harness.identifier.answers["12345"] = verdict(Verdict.TRUE)
+
+    def broken(*_: object, **__: object) -> object:
+        raise RuntimeError(f"injected fault in {target}")
+
+    monkeypatch.setattr(target, broken)
+    caplog.set_level(logging.ERROR)
+    result = await harness.call(CallScript(node=node, entries=[entry]))
+    assert result.variables.get("OML_IDENT_OUTCOME") in {o.value for o in Outcome}
+    assert result.variables["OML_DEST_TYPE"] != ""
+    assert result.closed_by_gateway
+    assert result.protocol_errors == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) <= 1

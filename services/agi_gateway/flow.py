@@ -109,12 +109,21 @@ class CallFlow:
         """Run one call to its decision and hand the decision to Asterisk."""
         started = self._monotonic()
         env = environment.variables
-        node_id = requested_node(env)
+        node_id: str | None = None
         channel = AgiChannel(session)
         label = UNKNOWN_NODE
         decision: Decision | None = None
         try:
-            decision, label = await self._run(channel, env, node_id, abort)
+            try:
+                node_id = requested_node(env)
+                decision, label = await self._run(channel, env, node_id, abort)
+            except (AgiTimeout, AgiPeerError):
+                raise
+            except Exception:
+                # A bug or a fault nobody foresaw must still leave the call with a decision:
+                # every call that reaches a node leaves it with OML_IDENT_OUTCOME set.
+                log.exception("call on node %s failed unexpectedly: routed to a fallback", node_id)
+                decision, label = self._unexpected(node_id)
             if decision.outcome is Outcome.HANGUP and not session.answered:
                 # Gone before Asterisk answered a single command: no call ever ran (a real
                 # Asterisk answers the first one even after a hang-up). Not a call of a node.
@@ -160,6 +169,12 @@ class CallFlow:
         self._refusals.note(reason, decision.destination)
         with contextlib.suppress(CallerHungUp):
             await apply_decision(AgiChannel(session), decision, self._settings.jumps)
+
+    def _unexpected(self, node_id: str | None) -> tuple[Decision, str]:
+        node = self._nodes().get(node_id) if node_id is not None else None
+        if node is None:
+            return self._fallback_decision(), UNKNOWN_NODE
+        return self._cannot_run(node), node.name
 
     def _fallback_decision(self) -> Decision:
         return config_error_decision(self._settings.fallback)
@@ -230,7 +245,13 @@ class CallFlow:
             request_id=secrets.token_hex(16),  # 32 hex digits, as uuid4().hex, cheaper
             node_id=node.id,
             customer_id=customer_id,
-            caller_number=_UNPRINTABLE.sub("", env.get("agi_callerid", ""))[:64],
+            # Only where the CRM is to see it: the request crosses RabbitMQ, and a number that
+            # is not needed there should not travel.
+            caller_number=(
+                _UNPRINTABLE.sub("", env.get("agi_callerid", ""))[:64]
+                if node.crm_send_context
+                else ""
+            ),
             call_id=_UNPRINTABLE.sub("", env.get("agi_uniqueid", ""))[:64],
             deadline=self._clock() + node.crm_timeout,
         )
