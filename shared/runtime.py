@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from shared.settings import CommonSettings, configure_logging, flag_overrides
+from shared.settings import CommonSettings, configure_logging, env_name, flag_overrides
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +30,40 @@ def start_service(
 ) -> int:
     """A console script's whole start: flags over env into settings, logging, the loop.
 
-    Invalid settings exit with code 2 and one line naming what is wrong.
+    Invalid settings exit with code 2 and one line per bad setting, naming it and where its
+    value came from (the flag, else the environment variable); never a traceback.
     """
     args = parser.parse_args(argv)
+    overrides = flag_overrides(args)
+
+    def origin(field: str) -> str:
+        if field in overrides:
+            flags = [a.option_strings[-1] for a in parser._actions if a.dest == field]
+            return flags[0] if flags else field
+        return env_name(settings_type, field)
+
     try:
-        settings = settings_type(**flag_overrides(args))
+        settings = settings_type(**overrides)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             field = ".".join(str(part) for part in error["loc"]) or "settings"
             message = error["msg"].removeprefix("Value error, ")
-            print(f"{parser.prog}: invalid setting {field}: {message}", file=sys.stderr)
+            where = origin(str(error["loc"][0])) if error["loc"] else "settings"
+            print(f"{parser.prog}: invalid setting {field}: {message} ({where})", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        # A structured setting (JSON in the environment) that does not parse.
+        named = re.search(r'field "(\w+)"', str(exc))
+        cause = exc.__cause__
+        message = "not valid JSON" if isinstance(cause, json.JSONDecodeError) else str(cause)
+        if named is None:
+            print(f"{parser.prog}: invalid settings: {exc}", file=sys.stderr)
+        else:
+            field = named.group(1)
+            print(
+                f"{parser.prog}: invalid setting {field}: {message} ({origin(field)})",
+                file=sys.stderr,
+            )
         return 2
     configure_logging(settings.log_level)
     return run(lambda: serve(settings))

@@ -7,7 +7,10 @@ environment. Command-line flags override the environment (see each service's `ap
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
@@ -27,9 +30,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CALLERID_", extra="ignore")
 
-    nodes: str = Field(
-        default="examples/nodes.yaml",
-        description="Path to the nodes YAML file, or redis://host:port/db for OMniLeads hashes.",
+    # No default: a service that silently served a built-in file would route real callers by
+    # example nodes. The services refuse to start without it (`make run` names the example).
+    nodes: str | None = Field(
+        default=None,
+        description="Required. Path to the nodes YAML file, or redis://host:port/db for "
+        "OMniLeads hashes.",
     )
     amqp_url: str | None = None
     amqp_prefix: str = Field(
@@ -56,6 +62,23 @@ class CommonSettings(BaseSettings):
     show_customer_ids: bool = Field(
         default=False, description="Debug only: log customer ids in clear."
     )
+    # Nodes read from OMniLeads' hashes (CALLERID_NODES=redis://...) read the entry back and
+    # ask for 1, as OMniLeads' own dialplan always does (docs/omnileads.md).
+    omnileads_confirm: bool = Field(
+        default=True,
+        description="Nodes from OMniLeads' Redis hashes read the entry back and ask for 1.",
+    )
+    omnileads_confirm_audio: str = Field(
+        default="oml/en/oml-to-confirm-press-one",
+        # An Asterisk sound name, as a node's `confirm_audio` (no "." or ".." segment).
+        pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$",
+        description="The 'press 1 to confirm' prompt of nodes from OMniLeads' hashes.",
+    )
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("http_listen")
     @classmethod
@@ -79,16 +102,108 @@ class CommonSettings(BaseSettings):
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", help="nodes YAML path or redis:// URL (CALLERID_NODES)")
+    parser.add_argument(
+        "--nodes", help="nodes YAML path or redis://host:port/db; required (CALLERID_NODES)"
+    )
     parser.add_argument("--amqp-url", help="RabbitMQ URL (CALLERID_AMQP_URL)")
     parser.add_argument("--redis-url", help="Redis URL for the cache (CALLERID_REDIS_URL)")
-    parser.add_argument("--http-listen", help="host:port for /metrics, /healthz, /readyz")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--http-listen", help="host:port for /metrics, /healthz, /readyz (CALLERID_HTTP_LISTEN)"
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (CALLERID_LOG_LEVEL)")
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that were given, as settings fields (flags beat the environment)."""
     return {key: value for key, value in vars(args).items() if value is not None}
+
+
+def env_name(settings_type: type[BaseSettings], field: str) -> str:
+    """The environment variable of a settings field: `max_calls` -> `CALLERID_MAX_CALLS`."""
+    return f"{settings_type.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def setting_variables(*settings_types: type[BaseSettings]) -> set[str]:
+    """Every environment variable the given settings classes read."""
+    return {env_name(kind, field) for kind in settings_types for field in kind.model_fields}
+
+
+# Read by the project's test and build tools, never by the services: not typos.
+TOOL_VARIABLES = frozenset(
+    {"CALLERID_ASTERISK_TARBALL", "CALLERID_CACHE", "CALLERID_CHAOS_SEED", "CALLERID_FUZZ_EXAMPLES"}
+)
+TOOL_PREFIX = "CALLERID_TEST_"
+
+
+def unknown_variables(
+    environ: Mapping[str, str], settings: Collection[str], also_read: Collection[str] = ()
+) -> list[str]:
+    """One message per `CALLERID_*` variable in `environ` that nothing reads (a typo, or a
+    setting that does not exist), naming the closest of `settings` when one is close.
+
+    `settings` are the variables the services read as settings; `also_read` others they read
+    (the secrets nodes name in `crm_token_env`). Names compare case-insensitively, as the
+    settings do."""
+    known = {name.upper() for name in settings} | {name.upper() for name in also_read}
+    messages = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("CALLERID_") or upper in known or upper in TOOL_VARIABLES:
+            continue
+        if upper.startswith(TOOL_PREFIX):
+            continue
+        candidates = sorted({setting.upper() for setting in settings})
+        close = difflib.get_close_matches(upper, candidates, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "see README, Service settings"
+        messages.append(f"{name}: not a setting, ignored; {hint}")
+    return messages
+
+
+NODES_REQUIRED = (
+    "CALLERID_NODES is not set: name the nodes YAML file or a redis://host:port/db URL "
+    "(or pass --nodes); there is no built-in default (`make run` uses examples/nodes.yaml)"
+)
+# Settings without a default: the services refuse to start without them.
+REQUIRED_SETTINGS = frozenset({"nodes"})
+
+
+def describe_default(settings_type: type[BaseSettings], field: str) -> str:
+    """A field's default as the README and `--help` write it: `unset`, `empty`, `5`, `true`."""
+    if field in REQUIRED_SETTINGS:
+        return "required"
+    value = settings_type.model_fields[field].get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if value in ("", ()):
+        return "empty"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def settings_epilog(
+    parser: argparse.ArgumentParser,
+    settings_type: type[BaseSettings],
+    rows: Sequence[tuple[str, str]],
+) -> str:
+    """`--help`'s list of the settings that matter most: `(field, meaning)` rows rendered with
+    their variable, flag and default as the model and the parser have them."""
+    flags = {action.dest: action.option_strings[-1] for action in parser._actions}
+    lines = ["most used settings (environment variable, and its flag where there is one):"]
+    for field, meaning in rows:
+        variable = env_name(settings_type, field)
+        default = describe_default(settings_type, field)
+        lines.append(f"  {variable:<30} {flags.get(field, '')}".rstrip())
+        lines.append(
+            f"      {meaning} ({default if default == 'required' else 'default: ' + default})"
+        )
+    lines.append("")
+    lines.append('Every setting, with its default and flag: README.md, "Service settings".')
+    return "\n".join(lines)
 
 
 def configure_logging(level: str) -> None:

@@ -1,4 +1,4 @@
-"""Find the real RabbitMQ and Redis the integration tests use (DESIGN §10).
+"""Find the real RabbitMQ and Redis the integration tests use (docs/design.md §10).
 
 Order: URLs from the environment (CALLERID_TEST_AMQP_URL / CALLERID_TEST_REDIS_URL), the local
 defaults, testcontainers when a Docker engine answers. When nothing answers, the test fails

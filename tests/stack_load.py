@@ -33,7 +33,8 @@ import pytest
 from tools.asterisk_sim import CallResult, CallScript, run_call
 from tools.stack import DEFAULT_FAILOVER, Proc, Stack, expected_decision, http_get, metric_value
 
-SLACK = 0.25  # how far past its CRM budget a decision may come (DESIGN: never past the budget)
+# How far past its CRM budget a decision may come (docs/design.md §1: never past the budget).
+SLACK = 0.25
 CRM_NODES = ("gold-customers", "crm-router")
 # What the CRM's faults make of a call: a timeout, an error (5xx, refused, circuit open) and,
 # for a CRM answering garbage, a bad response. All three route to the node's on_error.

@@ -1,4 +1,4 @@
-"""The decision table (DESIGN §2) and jump templates, without I/O."""
+"""The decision table (docs/design.md §2) and jump templates, without I/O."""
 
 from __future__ import annotations
 

@@ -104,7 +104,11 @@ class Gateway:
         settings = self.settings
         if settings.nodes is None:
             raise ConfigError(NODES_REQUIRED)
-        source: NodeSource = source_from_setting(settings.nodes)
+        source: NodeSource = source_from_setting(
+            settings.nodes,
+            omnileads_confirm=settings.omnileads_confirm,
+            omnileads_confirm_audio=settings.omnileads_confirm_audio,
+        )
         if settings.runs_embedded:
             # The embedded resolver needs the nodes' CRM secrets: a config naming one that is
             # not in the environment fails here (start-up) or is refused (reload).
@@ -230,7 +234,8 @@ async def serve(settings: GatewaySettings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: operator-facing help, and flags for the settings that have one."""
     parser = argparse.ArgumentParser(
         prog="agi-gateway",
         description=DESCRIPTION,
@@ -250,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to let calls finish on SIGTERM (CALLERID_DRAIN_TIMEOUT)",
     )
     parser.epilog = settings_epilog(parser, GatewaySettings, EPILOG_SETTINGS)
-    return runtime.start_service(parser, argv, GatewaySettings, serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime.start_service(build_parser(), argv, GatewaySettings, serve)
 
 
 if __name__ == "__main__":  # pragma: no cover

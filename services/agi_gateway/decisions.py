@@ -1,4 +1,4 @@
-"""What a call's result means: outcome, destination and source (DESIGN §2), without I/O.
+"""What a call's result means: outcome, destination and source (docs/design.md §2), without I/O.
 
 Every way out of a node is built here, so the table in the design and the README has exactly
 one implementation: a local decision (no CRM), a CRM/cache reply, a failover when the

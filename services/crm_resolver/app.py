@@ -12,10 +12,11 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry
 
+from agi_gateway.settings import GatewaySettings
 from crm_resolver.address_policy import AddressPolicy
 from crm_resolver.amqp_worker import AmqpWorker
 from crm_resolver.circuit import BreakerRegistry
@@ -31,11 +32,63 @@ from shared import runtime
 from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
 from shared.node_sources import NodeStore, source_from_setting
-from shared.nodes import ConfigError
-from shared.settings import CommonSettings, add_common_flags, parse_listen
+from shared.nodes import ConfigError, NodeSet
+from shared.settings import (
+    NODES_REQUIRED,
+    CommonSettings,
+    add_common_flags,
+    parse_listen,
+    setting_variables,
+    settings_epilog,
+    unknown_variables,
+)
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+One worker of the pool that answers the gateways' caller-identification requests.
+
+It takes requests from RabbitMQ (CALLERID_AMQP_URL, required), answers each from the Redis
+answer cache (CALLERID_REDIS_URL) or by calling the node's CRM over HTTP, and replies. Run as
+many as the call rate needs, all with the same CALLERID_AMQP_URL, CALLERID_NODES and
+CALLERID_REDIS_URL. A CRM token or signing secret is an environment variable the node names
+in crm_token_env / crm_signing_secret_env. For one box without a broker, run
+`agi-gateway --embedded` instead: it contains a resolver.
+
+Configured by CALLERID_* environment variables; the few with a flag take the flag first.
+CALLERID_NODES (or --nodes) is required. At start-up a CALLERID_* variable that is not a
+setting is logged as a warning; an invalid value stops the resolver (exit 2)."""
+
+EPILOG_SETTINGS = (
+    ("nodes", "nodes YAML file or redis://host:port/db, the same as the gateway's"),
+    ("amqp_url", "RabbitMQ URL; the resolver cannot run without it"),
+    ("redis_url", "Redis answer cache shared with other resolvers and the gateway"),
+    ("cache_key_pepper", "secret mixed into cache keys; the same on every service"),
+    ("http_listen", "/metrics, /healthz, /readyz"),
+    ("prefetch", "requests worked on at once"),
+    ("crm_allowed_hosts", "comma-separated hosts CRM requests may go to, empty for any"),
+    ("breaker_failures", "consecutive CRM failures that open its circuit breaker"),
+    ("stop_timeout", "seconds to finish in-flight requests on SIGTERM"),
+    ("log_level", "DEBUG, INFO, WARNING, ERROR"),
+)
+
+
+def unknown_environment(environ: Mapping[str, str], nodes: NodeSet | None) -> list[str]:
+    """Start-up warnings for the `CALLERID_*` variables neither service reads.
+
+    A setting of either service counts as known (compose files and shared env files give both
+    the same environment), and so does a secret a node names in `crm_token_env` /
+    `crm_signing_secret_env`; `nodes` is None when they could not be loaded."""
+    secrets = {
+        name
+        for node in nodes or ()
+        for name in (node.crm_token_env, node.crm_signing_secret_env)
+        if name is not None
+    }
+    return unknown_variables(
+        environ, setting_variables(GatewaySettings, ResolverSettings), also_read=secrets
+    )
 
 
 def node_labeler(store: NodeStore) -> Callable[[str], str]:
@@ -112,14 +165,34 @@ async def serve(settings: ResolverSettings) -> int:
     if not settings.amqp_url:
         log.error("crm-resolver needs CALLERID_AMQP_URL (or run `agi-gateway --embedded`)")
         return 2
+    if settings.nodes is None:
+        for message in unknown_environment(os.environ, None):  # a typo may be why
+            log.warning("%s", message)
+        log.error("cannot start: %s", NODES_REQUIRED)
+        return 2
     credentials = CrmCredentials(os.environ)
     try:
         # A reload naming a secret that is not in the environment is refused like any bad one.
-        store = NodeStore(CheckedSource(source_from_setting(settings.nodes), credentials))
+        source = source_from_setting(
+            settings.nodes,
+            omnileads_confirm=settings.omnileads_confirm,
+            omnileads_confirm_audio=settings.omnileads_confirm_audio,
+        )
+        store = NodeStore(CheckedSource(source, credentials))
         await store.load_initial()
     except ConfigError as exc:
+        for message in unknown_environment(os.environ, None):
+            log.warning("%s", message)
         log.error("cannot start: %s", exc)
         return 2
+    for message in unknown_environment(os.environ, store.current):
+        log.warning("%s", message)
+    if not len(store.current):
+        log.warning(
+            "no identification nodes in %s: every request is answered with an error "
+            "(unknown_node) until the source has some",
+            store.source.description,
+        )
     registry = CollectorRegistry()
     async with contextlib.AsyncExitStack() as stack:
         metrics = ResolverMetrics(registry)
@@ -143,13 +216,23 @@ async def serve(settings: ResolverSettings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crm-resolver", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: operator-facing help, and flags for the settings that have one."""
+    parser = argparse.ArgumentParser(
+        prog="crm-resolver",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_flags(parser)
     parser.add_argument(
         "--prefetch", type=int, help="requests worked on at once (CALLERID_PREFETCH)"
     )
-    return runtime.start_service(parser, argv, ResolverSettings, serve)
+    parser.epilog = settings_epilog(parser, ResolverSettings, EPILOG_SETTINGS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime.start_service(build_parser(), argv, ResolverSettings, serve)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -89,6 +89,9 @@ def stack(oml_redis: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> I
         extra_env={
             "CALLERID_NODES": f"{base}/{REDIS_DB}",
             "CALLERID_RELOAD_INTERVAL": "0.5",
+            # These callers never confirm: the read-back has a test of its own
+            # (test_omnileads_dialplan.py).
+            "CALLERID_OMNILEADS_CONFIRM": "false",
         },
     ) as running:
         yield running

@@ -4,8 +4,8 @@
 # Order: $CALLERID_TEST_ASTERISK (a path to sbin/asterisk), then `asterisk` on PATH, then a
 # build cached outside the checkout ($CALLERID_CACHE, default ~/.cache/callerid), built from
 # the source tarball ($CALLERID_ASTERISK_TARBALL, default ../shared/asterisk/ beside the
-# checkout) when the cache is empty. The build follows that folder's NOTES.md: nothing is
-# downloaded (no bundled pjproject/jansson/libjwt, no sounds), only the prefix is written
+# checkout) when the cache is empty. Nothing is downloaded by the build (configured without
+# the bundled pjproject/jansson/libjwt, sound and MOH packages off), only the prefix is written
 # (no `make samples`/`make config`), about 10 minutes on 2 cores; later runs reuse it.
 # Debian's digit and prompt sounds (asterisk-core-sounds-en-wav) are installed as well:
 # SAY DIGITS plays nothing without them.
