@@ -167,6 +167,8 @@ async def test_confirmation_reads_back_and_needs_key_1() -> None:
     an attempt."""
     node = make_node(expected_length=3, attempts=2, confirm=True, timeout=3)
     channel = ScriptedChannel([typed("123"), typed("456")], keys=["2", "1"])
-    assert await collect_entry(channel, node) == Collected("456", False)
+    collected = await collect_entry(channel, node)
+    assert (collected.customer_id, collected.last_entry_invalid) == ("456", False)
+    assert collected.entered_at > 0  # the budget runs from the confirmation
     assert ("say_digits", "123") in channel.calls
     assert ("read_key", node.confirm_audio, 3) in channel.calls

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
 
@@ -83,6 +83,7 @@ class EntryEnd(Enum):
 class Entry:
     digits: str  # as typed, '' for nothing; not yet validated
     ended: EntryEnd
+    ended_at: float = 0.0  # time.monotonic() when Asterisk's reply ending the entry arrived
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +225,10 @@ class AgiChannel:
             self._timeouts = timeouts
         limit = first_digit + max_digits * between_digits + PLAY_ALLOWANCE
         await self._done(ReadDigits(ENTRY_VARIABLE, prompt, max_digits), timeout=limit)
+        ended_at = self._session.replied_at
         result = read_result(await self._session.run(_READ_RESULT))
         if isinstance(result, Entry):
-            return result
+            return replace(result, ended_at=ended_at)
         if isinstance(result, HungUp):
             raise CallerHungUp("hung up during the entry")
         if isinstance(result, NoSound):

@@ -8,6 +8,7 @@ costs one attempt. A hang-up or a prompt that cannot play ends the node (the cha
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from agi_gateway.channel import Channel
@@ -20,6 +21,9 @@ CONFIRM_KEY = "1"
 class Collected:
     customer_id: str | None  # the valid entry, or None when the attempts ran out
     last_entry_invalid: bool  # for no_input vs invalid_input
+    # time.monotonic() when the caller's last entry (or confirmation) reached the gateway:
+    # the CRM budget runs from there.
+    entered_at: float = 0.0
 
 
 async def collect_entry(channel: Channel, node: NodeConfig) -> Collected:
@@ -41,13 +45,18 @@ async def collect_entry(channel: Channel, node: NodeConfig) -> Collected:
         if not node.entry_is_valid(digits):
             last_invalid = True
             continue
-        if node.confirm and not await _confirmed(channel, node, digits):
-            last_invalid = True
-            continue
-        return Collected(digits, False)
+        entered_at = entry.ended_at
+        if node.confirm:
+            confirmed, entered_at = await _confirmed(channel, node, digits)
+            if not confirmed:
+                last_invalid = True
+                continue
+        return Collected(digits, False, entered_at)
     return Collected(None, last_invalid)
 
 
-async def _confirmed(channel: Channel, node: NodeConfig, digits: str) -> bool:
+async def _confirmed(channel: Channel, node: NodeConfig, digits: str) -> tuple[bool, float]:
+    """Whether the caller pressed 1 after the read-back, and when that reached the gateway."""
     await channel.say_digits(digits)
-    return await channel.read_key(node.confirm_audio, timeout=node.timeout) == CONFIRM_KEY
+    key = await channel.read_key(node.confirm_audio, timeout=node.timeout)
+    return key == CONFIRM_KEY, time.monotonic()

@@ -228,7 +228,9 @@ class CallFlow:
         if limit is not None:
             self._metrics.identifications_limited.labels(node.name, limit.value).inc()
             return failover_decision(node, Outcome.CRM_ERROR, collected.customer_id)
-        decision = await self._identify(channel, env, node, collected.customer_id, abort)
+        decision = await self._identify(
+            channel, env, node, collected.customer_id, abort, collected.entered_at
+        )
         if decision.outcome is Outcome.NOT_IDENTIFIED:
             self._limits.failed(caller)
         return decision
@@ -240,7 +242,12 @@ class CallFlow:
         node: NodeConfig,
         customer_id: str,
         abort: asyncio.Future[None],
+        entered_at: float,
     ) -> Decision:
+        # The budget runs from when the entry reached the gateway, not from now: under CPU
+        # starvation the reads after it (and the loop itself) can be late by a lot.
+        now = self._monotonic()
+        started = min(entered_at, now) if entered_at else now
         request = IdentifyRequest(
             request_id=secrets.token_hex(16),  # 32 hex digits, as uuid4().hex, cheaper
             node_id=node.id,
@@ -253,9 +260,8 @@ class CallFlow:
                 else ""
             ),
             call_id=_UNPRINTABLE.sub("", env.get("agi_uniqueid", ""))[:64],
-            deadline=self._clock() + node.crm_timeout,
+            deadline=self._clock() + node.crm_timeout - (now - started),
         )
-        started = self._monotonic()
         reply_task = asyncio.ensure_future(self._identifier.identify(request))
         music = False
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -90,6 +91,9 @@ class AgiSession(asyncio.Protocol):
         self._reply: Reply | None = None
         self._awaiting = False  # a command was written and its reply not taken yet
         self._answered = False  # some command has had its reply
+        # When the latest reply was read off the socket (time.monotonic): a call's budget runs
+        # from the reply that ended the entry, not from when the flow got round to it.
+        self.replied_at = 0.0
         # The flow waiting for its reply: woken when it is in, or at the end.
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None  # set while the transport is paused
@@ -239,6 +243,7 @@ class AgiSession(asyncio.Protocol):
                 return
             self._reply = event
             self._answered = True
+            self.replied_at = time.monotonic()
             self._wake()
         elif isinstance(event, Environment):
             if not self._environment.done():
