@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,12 +13,15 @@ from prometheus_client import CollectorRegistry
 
 from agi_gateway.cache_first import LEARN_WEIGHT, READ_ABOVE, CacheFirstIdentifier
 from agi_gateway.metrics import GatewayMetrics
+from crm_resolver.app import build_cache
 from crm_resolver.ports import CacheMiss, CrmAnswer
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import Interaction, Source, Verdict
+from shared.settings import CommonSettings
 from tests import fakes
 from tests.fakes import FALSE, TRUE, RecordingCache, destination
+from tools.stack import redis_server
 
 
 def make_node(**overrides: Any) -> NodeConfig:
@@ -178,3 +184,47 @@ async def test_a_dead_cache_stops_the_reads_too() -> None:
         await h.ask()
     assert h.cache.fetches == TO_STOP
     assert h.lookups("skipped") == 10
+
+
+@pytest.mark.integration
+async def test_a_stalled_redis_holds_each_read_at_most_the_cache_timeout(tmp_path: Path) -> None:
+    """The gateway's read, through the cache the gateway builds (`build_cache`), of a stalled
+    Redis (this test's own, SIGSTOPped: it accepts connections and answers nothing), 20
+    callers at once: each read ends at its CALLERID_CACHE_TIMEOUT, connecting included —
+    nobody waits out the stall or another caller's connection — is counted as an error, and
+    the request goes on to the resolver."""
+    timeout = 0.05
+    server = redis_server(tmp_path)
+    try:
+        settings = CommonSettings(
+            redis_url=f"redis://127.0.0.1:{server.tcp_port}/0", cache_timeout=timeout
+        )
+        async with contextlib.AsyncExitStack() as exits:
+            cache = build_cache(exits, settings)
+            inner = RecordingIdentifier()
+            metrics = GatewayMetrics(CollectorRegistry())
+            nodes = NodeSet([make_node()])
+            identifier = CacheFirstIdentifier(inner, cache, lambda: nodes, metrics.cache_lookups)
+            assert await cache.fetch("1", "1") is CacheMiss.MISS  # connected before the stall
+            server.pause()
+
+            async def timed(n: int) -> tuple[IdentifyReply, float]:
+                request = IdentifyRequest(
+                    request_id=f"r{n}",
+                    node_id="1",
+                    customer_id=str(10_000 + n),
+                    deadline=time.time() + 4,
+                )
+                started = time.monotonic()
+                reply = await identifier.identify(request)
+                return reply, time.monotonic() - started
+
+            results = await asyncio.gather(*(timed(n) for n in range(20)))
+            server.resume()
+        assert all(reply.source is Source.CRM for reply, _ in results)
+        assert len(inner.requests) == 20
+        assert metrics.cache_lookups.labels("gold", "error")._value.get() == 20
+        # Bounded by the timeout (a generous multiple of it), not by the stall.
+        assert max(took for _, took in results) < 10 * timeout
+    finally:
+        server.stop()

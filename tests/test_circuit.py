@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crm_resolver.circuit import BreakerRegistry, CircuitBreaker, CircuitState
+from crm_resolver.circuit import Attempt, BreakerRegistry, CircuitBreaker, CircuitState
 from tests.fakes import FakeClock
 
 
@@ -95,6 +95,50 @@ def test_lost_probe_is_replaced_after_reset_after() -> None:
     assert not breaker.allow()
     clock.advance(0.1)
     assert breaker.allow()
+
+
+def test_record_tells_up_and_down_apart() -> None:
+    """record(DOWN) counts toward opening like record_failure; record(UP) closes a half-open
+    breaker like record_success."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_after=5.0, clock=clock)
+    breaker.record(Attempt.DOWN)
+    assert state(breaker) == "closed"
+    breaker.record(Attempt.DOWN)
+    assert state(breaker) == "open"
+    clock.advance(5)
+    assert breaker.allow()
+    breaker.record(Attempt.UP)
+    assert state(breaker) == "closed"
+
+
+def test_untested_attempts_neither_count_nor_reset_the_count() -> None:
+    """An attempt that tested nothing (the call's own time ran out) leaves the breaker as it
+    was: it does not count as a failure, and does not clear the failures counted so far."""
+    breaker = CircuitBreaker(failure_threshold=3, reset_after=5.0, clock=FakeClock())
+    breaker.record(Attempt.DOWN)
+    breaker.record(Attempt.DOWN)
+    for _ in range(10):
+        breaker.record(Attempt.UNTESTED)
+    assert state(breaker) == "closed"
+    breaker.record(Attempt.DOWN)
+    assert state(breaker) == "open"
+
+
+def test_an_untested_probe_lets_the_next_caller_probe_at_once() -> None:
+    """A half-open probe that tested nothing keeps the breaker half-open and gives the probe's
+    turn to the next caller, without another reset_after wait; an open breaker stays open."""
+    clock = FakeClock()
+    breaker = opened(clock)
+    breaker.record(Attempt.UNTESTED)  # reported late by a call made before it opened
+    assert state(breaker) == "open"
+    clock.advance(5)
+    assert breaker.allow()
+    assert not breaker.allow()
+    breaker.record(Attempt.UNTESTED)
+    assert state(breaker) == "half_open"
+    assert breaker.allow()
+    assert not breaker.allow()
 
 
 @pytest.mark.parametrize(("threshold", "reset_after"), [(0, 5.0), (1, 0.0)])

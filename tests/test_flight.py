@@ -1,4 +1,4 @@
-"""Identical lookups merged across resolver processes, through the real Redis (DESIGN §7),
+"""Identical lookups merged across resolver processes, through the real Redis (docs/design.md §7),
 and what a lookup costs in Redis round trips.
 
 Each "process" here is a `Resolver` with its own Redis client (`RedisCache`), metrics and

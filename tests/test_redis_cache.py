@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,8 @@ import redis.asyncio
 
 from crm_resolver.ports import CacheMiss, CrmAnswer, Flight, Lease
 from crm_resolver.redis_cache import RedisCache
-from tests.fakes import FALSE, TRUE, destination
+from tests.fakes import FALSE, TRUE, FakeClock, destination
+from tools.stack import Proc, redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -325,3 +327,113 @@ async def test_silent_redis_fails_open_within_the_timeout() -> None:
         for writer in writers:
             writer.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Proc]:
+    """A redis-server of this test's own, which it may stall (never the shared one)."""
+    server = redis_server(tmp_path)
+    yield server
+    server.stop()  # wakes it first if it is still paused
+
+
+async def test_a_stalled_redis_costs_each_operation_at_most_its_timeout(
+    private_redis: Proc,
+) -> None:
+    """Redis stalled (SIGSTOP: the kernel still accepts connections, nothing answers), three
+    rounds of four times more operations at once than the pool has connections: each one —
+    fetch, put, lead, peek, settle — fails open once its own timeout fires, connecting
+    included, instead of waiting out the stall or queueing behind other connections'
+    handshakes; each failure is counted. Resumed, the pool has kept no connection lent out,
+    and operations succeed again."""
+    timeout = 0.05
+    cache = RedisCache.from_url(
+        f"redis://127.0.0.1:{private_redis.tcp_port}/0", timeout=timeout, max_connections=8
+    )
+    pool = cache._client.connection_pool
+    try:
+        await cache.put("n1", "warm", TRUE, 60)  # one connection made before the stall
+        assert await cache.fetch("n1", "warm") == TRUE
+        private_redis.pause()
+        worst = 0.0
+
+        async def timed(work: Awaitable[Any]) -> Any:
+            nonlocal worst
+            started = time.monotonic()
+            result = await work
+            worst = max(worst, time.monotonic() - started)
+            return result
+
+        for round_ in range(3):
+            errors = cache.errors
+            results = await asyncio.gather(
+                *(
+                    timed(op)
+                    for n in range(8)
+                    for op in (
+                        cache.fetch("n1", f"{round_}{n}"),
+                        cache.put("n1", f"{round_}{n}", TRUE, 60),
+                        cache.lead("n1", f"{round_}{n}", 5),
+                        cache.peek("n1", f"{round_}{n}"),
+                        cache.settle(Lease("n1", f"{round_}{n}", "token"), TRUE, 60),
+                    )
+                )
+            )
+            assert {r for r in results if r is not None} == {CacheMiss.ERROR, Flight.ERROR}
+            # One per fetch, put, lead and peek (the settles went, and failed, with leads).
+            assert cache.errors - errors >= 8 * 4
+        # Bounded by the timeout (a generous multiple of it), not by the stall.
+        assert worst < 10 * timeout
+
+        private_redis.resume()
+        assert not pool._in_use_connections
+        errors = cache.errors
+        lease = await cache.lead("n1", "after", 5)
+        assert isinstance(lease, Lease)
+        await cache.settle(lease, FALSE, 60)
+        assert await cache.fetch("n1", "after") == FALSE
+        assert await cache.fetch("n1", "warm") == TRUE
+        assert cache.errors == errors
+    finally:
+        private_redis.resume()
+        await cache.close()
+
+
+async def test_a_lead_given_up_on_still_takes_its_lock_which_is_then_doubted(
+    private_redis: Proc,
+) -> None:
+    """A lead that timed out while Redis stalled is carried out when Redis catches up: its
+    lock is taken, and nobody holds it. For its `ttl` after a failure the cache that failed
+    does not trust a held lock (ERROR: its caller goes on without it instead of waiting for
+    nobody); a cache that saw no failure trusts it (HELD), and so does the first once `ttl`
+    has passed."""
+    url = f"redis://127.0.0.1:{private_redis.tcp_port}/0"
+    clock = FakeClock()
+    cache = RedisCache(redis.asyncio.Redis.from_url(url), clock=clock, timeout=0.05)
+    other = RedisCache(redis.asyncio.Redis.from_url(url))
+    raw = redis.asyncio.Redis.from_url(url)
+    try:
+        # Connected, and the script loaded (a lead sends EVALSHA, with SCRIPT LOAD only after
+        # a NOSCRIPT answer).
+        assert isinstance(await cache.lead("n1", "warm", 5), Lease)
+        private_redis.pause()
+        try:
+            assert await cache.lead("n1", "7", 5) is Flight.ERROR
+        finally:
+            private_redis.resume()
+        deadline = time.monotonic() + 5
+        while not await raw.exists(cache.flight_key("n1", "7")):
+            assert time.monotonic() < deadline, "the lead given up on never took its lock"
+            await asyncio.sleep(0.01)
+
+        errors = cache.errors
+        assert await cache.lead("n1", "7", 5) is Flight.ERROR
+        assert await other.lead("n1", "7", 5) is Flight.HELD
+        assert cache.errors == errors  # doubting is not a failure
+        clock.advance(5)
+        assert await cache.lead("n1", "7", 5) is Flight.HELD
+    finally:
+        private_redis.resume()
+        await cache.close()
+        await other.close()
+        await raw.aclose()

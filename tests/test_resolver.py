@@ -1,4 +1,5 @@
-"""The resolver's rules (DESIGN §5-§7) against fakes: verdicts, cache, budget, retry, breaker."""
+"""The resolver's rules (docs/design.md §5-§7) against fakes: verdicts, cache, budget, retry,
+breaker."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ from crm_resolver.ports import (
     CrmTimeout,
     CrmUnreachable,
 )
-from crm_resolver.resolver import LOCK_MARGIN, RETRY_MIN_BUDGET, Resolver, jitter_ttl
+from crm_resolver.resolver import (
+    FULL_ATTEMPT,
+    LOCK_MARGIN,
+    RETRY_MIN_BUDGET,
+    Resolver,
+    jitter_ttl,
+)
 from shared.destination import Destination
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
@@ -924,6 +931,95 @@ async def test_bad_bodies_do_not_trip_the_breaker() -> None:
     for n in range(3):
         assert (await h.ask(str(n))).error is ErrorCode.CRM_BAD_RESPONSE
     assert len(h.crm.calls) == 3
+
+
+# --- what the breaker is told: only failures the CRM caused ----------------------------------
+
+
+@pytest.mark.parametrize("left", [4.0, 3.7])
+async def test_timeouts_with_the_crms_full_time_open_the_breaker(left: float) -> None:
+    """A CRM that does not answer within the node's crm_timeout (4 s) is down: its timeouts
+    count, also when the request lost a little of its budget on the way (3.7 s of 4: within
+    the FULL_ATTEMPT allowance for the request's trip)."""
+    h = harness(default=CrmTimeout("slow"), retry=False, failure_threshold=2)
+    assert (await h.ask("1", left=left)).error is ErrorCode.CRM_TIMEOUT
+    assert (await h.ask("2", left=left)).error is ErrorCode.CRM_TIMEOUT
+    assert (await h.ask("3", left=left)).error is ErrorCode.CRM_CIRCUIT_OPEN
+    assert len(h.crm.calls) == 2
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 2
+
+
+async def test_a_timeout_with_less_than_the_crms_full_time_is_not_counted() -> None:
+    """A request that reaches the resolver with less than FULL_ATTEMPT of crm_timeout left
+    (3 s of 4) and times out says nothing about the CRM: it is not retried, the breaker (one
+    failure would open it) stays closed, and every later request still reaches the CRM; a
+    timeout with the full time then opens it."""
+    h = harness(default=CrmTimeout("slow"), failure_threshold=1)
+    for n in range(3):
+        reply = await h.ask(str(n), left=FULL_ATTEMPT * 4.0 - 0.6)
+        assert reply.error is ErrorCode.CRM_TIMEOUT
+    assert len(h.crm.calls) == 3
+    assert h.sample("callerid_crm_requests_total", node="gold", result="crm_timeout") == 3
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 0
+    assert (await h.ask("4", left=4.0)).error is ErrorCode.CRM_TIMEOUT
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 2
+
+
+async def test_a_timeout_noticed_late_by_a_stalled_process_is_not_counted() -> None:
+    """A process frozen (SIGSTOP) while its CRM call is in flight notices the timeout long
+    after the budget ran out, though the CRM may have answered in the meantime: with the full
+    budget, a timeout noticed more than STALL_MARGIN late is not the CRM's fault, and the
+    breaker (one failure would open it) stays closed; nothing is retried."""
+    h = harness([CrmTimeout("slow")], failure_threshold=1)
+    gate = h.crm.hold()
+    call = asyncio.create_task(h.ask("1", left=4.0))
+    await h.crm.entered.wait()
+    h.clock.advance(3.0)  # the process was frozen for 3 s; the CRM call then uses its budget
+    gate.set()
+    assert (await call).error is ErrorCode.CRM_TIMEOUT
+    assert len(h.crm.calls) == 1
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 0
+    assert (await h.ask("2")).verdict is Verdict.TRUE
+
+
+async def test_no_time_left_after_the_cache_contacts_no_crm_and_counts_nothing() -> None:
+    """A request whose deadline passes during its cache round trip (a stalled Redis) is
+    answered crm_timeout without contacting the CRM: no CRM attempt is counted, and the
+    breaker is not touched — here half-open, its one probe stays for the next request, which
+    closes it."""
+    h = harness([CrmUnreachable("down")], retry=False, failure_threshold=1, flights=True)
+    assert h.flights is not None
+    assert (await h.ask("1")).error is ErrorCode.CRM_UNREACHABLE
+    h.breaker_clock.advance(5.0)  # half-open: the next allowed attempt is the probe
+
+    async def slow_lead() -> None:
+        h.clock.advance(1.5)
+
+    h.flights.on_lead = slow_lead
+    reply = await h.ask("2", left=1.0)
+    assert reply.error is ErrorCode.CRM_TIMEOUT
+    assert reply.crm_ms is None
+    assert len(h.crm.calls) == 1
+    assert h.sample("callerid_crm_requests_total", node="gold", result="crm_timeout") == 0
+    assert h.sample("callerid_crm_requests_total", node="gold", result="crm_circuit_open") == 0
+
+    h.flights.on_lead = None
+    assert (await h.ask("3")).verdict is Verdict.TRUE
+    assert len(h.crm.calls) == 2
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 0
+
+
+async def test_a_half_open_probe_that_tested_nothing_hands_its_turn_on() -> None:
+    """A half-open probe whose own time ran out (a short budget) neither closes nor re-opens
+    the breaker, and the next request may probe at once instead of after another wait."""
+    h = harness([CrmUnreachable("down"), CrmTimeout("slow")], retry=False, failure_threshold=1)
+    assert (await h.ask("1")).error is ErrorCode.CRM_UNREACHABLE
+    h.breaker_clock.advance(5.0)
+    assert (await h.ask("2", left=1.0)).error is ErrorCode.CRM_TIMEOUT
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 1
+    assert (await h.ask("3")).verdict is Verdict.TRUE
+    assert len(h.crm.calls) == 3
+    assert h.sample("callerid_crm_circuit_state", node="gold") == 0
 
 
 # --- robustness -------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ Rules:
 - An answer the node no longer accepts (its config changed since it was cached) is a miss:
   the resolver asks the CRM again and overwrites it.
 - A cache failure (`CacheMiss.ERROR`: Redis down or slower than `CALLERID_CACHE_TIMEOUT`) is
-  counted and the request goes on to the resolver, so a dead Redis costs the call one bounded
-  timeout, never the call.
+  counted and the request goes on to the resolver, so a dead or stalled Redis costs the call
+  one bounded timeout, never the call. The read is one `fetch` of the cache `build_cache`
+  made, which the Redis adapter bounds as a whole by that timeout, waiting for a connection
+  and connecting included (`crm_resolver.redis_cache`): no read waits on another's.
 - The read is skipped while it does not pay. It costs a miss a Redis round trip (the
   benchmark: ~9 % of miss throughput, ~0.6 ms at one call at a time) and saves a hit about
   half its CPU, so it pays once more than about one request in ten is in the cache. Per node,

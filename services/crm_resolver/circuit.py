@@ -1,9 +1,16 @@
 """Per-CRM circuit breakers: fail fast while a CRM is down instead of making callers wait.
 
 What belongs here: the breaker state machine and the registry that keeps one breaker per CRM
-URL. What does not: deciding which CRM errors are outages (the resolver does that, DESIGN §5:
-timeouts, unreachable and 5xx only — a "false" or a bad body means the CRM is up), metrics
-(the registry reports state changes to listeners; the resolver turns them into the gauge).
+URL. What does not: deciding which CRM errors are outages (the resolver does that,
+docs/design.md §5: timeouts, unreachable and 5xx only — a "false" or a bad body means the CRM
+is up), metrics (the registry reports state changes to listeners; the resolver turns them into
+the gauge).
+
+A breaker is told what each attempt says about the CRM, an `Attempt`: UP, DOWN, or UNTESTED
+— the attempt ended without testing the CRM, because the call's own time ran out first (a
+timeout with less than the CRM's full time, or noticed late by a process that was not
+running). UNTESTED changes nothing but the probe: a half-open probe that tested nothing hands
+its turn to the next caller. Only what the CRM caused may open a circuit.
 
     closed ──(failure_threshold consecutive failures)──▶ open
     open ──(reset_after elapsed)──▶ half_open
@@ -21,11 +28,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Literal
 
 CircuitState = Literal["closed", "half_open", "open"]
 StateListener = Callable[[str, CircuitState], None]
 """Called with (CRM URL, new state) on every state change."""
+
+
+class Attempt(Enum):
+    """What one CRM attempt says about the CRM: the only thing a breaker is told."""
+
+    UP = "up"
+    """The CRM answered, whatever it said (a "false", a 4xx, a bad body): it is up."""
+    DOWN = "down"
+    """The CRM failed: unreachable, a 5xx, or no answer although it had its full time."""
+    UNTESTED = "untested"
+    """The call's own time ran out before the CRM's did: nothing is known about the CRM."""
 
 
 class CircuitBreaker:
@@ -83,6 +102,15 @@ class CircuitBreaker:
             return True
         return False
 
+    def record(self, attempt: Attempt) -> None:
+        """Report what an allowed attempt said about the CRM."""
+        if attempt is Attempt.UP:
+            self.record_success()
+        elif attempt is Attempt.DOWN:
+            self.record_failure()
+        else:
+            self.record_untested()
+
     def record_success(self) -> None:
         """The CRM answered (whatever it said): it is up."""
         self._failures = 0
@@ -90,8 +118,13 @@ class CircuitBreaker:
         if self._state != "closed":
             self._set("closed")
 
+    def record_untested(self) -> None:
+        """The attempt ended without testing the CRM (the call's time ran out first): the
+        count of failures and the state stay; a probe's turn passes to the next caller."""
+        self._probe_started = None
+
     def record_failure(self) -> None:
-        """The CRM timed out, was unreachable or answered 5xx."""
+        """The CRM timed out with its full time, was unreachable or answered 5xx."""
         self._probe_started = None
         if self._state == "closed":
             self._failures += 1

@@ -132,7 +132,7 @@ class Lease:
 
 
 class FlightLock(Protocol):
-    """Merges identical lookups across resolver processes (DESIGN §7): one asks the CRM, the
+    """Merges identical lookups across resolver processes (docs/design.md §7): one asks the CRM, the
     others wait for its answer in the cache. In-process merging is `SingleFlight`'s job; this
     is consulted by the one in-process call per (node, customer id), instead of a separate
     cache read: `lead` is the read.

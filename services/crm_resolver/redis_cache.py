@@ -1,4 +1,4 @@
-"""The Redis answer cache shared by all resolvers (DESIGN §7).
+"""The Redis answer cache shared by all resolvers (docs/design.md §7).
 
 What belongs here: key and value formats, the Redis calls, and failing open. What does not:
 what to cache and for how long (the resolver decides; `put` is told the TTL).
@@ -12,9 +12,21 @@ changing it orphans the old entries, which then just expire.
 Values: compact JSON, {"v":"true"}, {"v":"false"} or {"v":"destination","t":1,"i":3}.
 
 Failing open: the cache is an optimisation, so a slow or dead Redis must cost a call a few
-milliseconds at most, never the call. The client built by `from_url` has millisecond socket
-and connect timeouts, no retries (redis-py's default retries with backoff and its 5 s
-timeouts do not apply) and no health-check pings. Every call below is one round trip: `fetch`
+milliseconds at most, never the call. Every operation below (`fetch`, `put`, `lead`, `peek`,
+and the script that carries settles) runs under one `asyncio.timeout(timeout)`
+(`CALLERID_CACHE_TIMEOUT`), which covers all of it: waiting for a pooled connection,
+connecting (TCP and redis-py's handshake), sending and reading. On top of that the client
+built by `from_url` has the same socket and connect timeouts, no retries (redis-py's default
+retries with backoff and its 5 s timeouts do not apply) and no health-check pings, and its
+pool is a `BlockingConnectionPool`: redis-py's default `ConnectionPool` connects while holding
+one lock for the whole pool, so while Redis stalls (it accepts connections but answers
+nothing, e.g. `DEBUG SLEEP`, a fork, a swap storm) every new connection's handshake waits out
+its timeout in turn, and operations queue behind each other far past the timeout. The
+blocking pool takes a connection under its lock and connects outside it; a caller waits for a
+free connection at most `timeout` (and then fails open, counted). An operation cut off by the
+timeout leaves no half-used connection behind: redis-py disconnects a connection whose command
+or handshake was interrupted, and gives it back to the pool, which connects it afresh when it
+is next taken. Every call below is one round trip: `fetch`
 is a GET, `put` a SET PX, the flight lock's calls one script or MGET each (EVALSHA; the first
 call of a script on a Redis that does not have it yet adds a SCRIPT LOAD), settles riding
 with a lead or going in batches. Any failure — timeout, refused connection, pool exhausted,
@@ -22,7 +34,7 @@ unreadable value — makes `fetch` return `CacheMiss.ERROR` and `put` do nothing
 calls `on_error` and counts in `errors`, and a warning is logged at most once per
 `log_every` seconds with the number of failures since the last one.
 
-Flight lock (DESIGN §7, identical lookups merged across resolver processes): the cache also
+Flight lock (docs/design.md §7, identical lookups merged across resolver processes): the cache also
 implements `ports.FlightLock`, because the lock is only sound when read together with the
 answer it guards. Lock keys are f"{flight_prefix}{node_id}:{digest}", the same digest as the
 answer's key, the value a random token, set with PX (the holder's budget, so a killed holder
@@ -45,6 +57,15 @@ blocks others at most that long).
 The two keys of one lookup are different keys: on Redis Cluster they would need a hash tag;
 this deployment runs one Redis (or a primary with replicas), where scripts may touch both.
 Failures fail open like the cache's (Flight.ERROR, counted in `errors`).
+
+Doubted locks: an operation that timed out was not necessarily lost. Redis carries out what it
+received when it catches up (after a stall, the `lead`s sent meanwhile by every resolver), so
+a lead given up on can still take its lock, which nobody then holds or releases; a settle that
+failed leaves its lock behind too. A lookup finding such a lock would wait for it in vain
+until it expires (its taker's budget). So a lead that finds the lock held less than its own
+`ttl` (about its peers' lock time) after an operation of this cache failed says Flight.ERROR
+instead of HELD (not counted in `errors`: nothing failed), and its caller goes on without the
+lock as after a failure. While Redis is well, locks are trusted as always.
 
 `purge` is an operator action, not the hot path: it raises `CacheUnavailable` (chained from
 the Redis error) instead of failing open, because "0 entries purged" would be a lie.
@@ -76,6 +97,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KEY_PREFIX = "callerid:cache:"
 DEFAULT_FLIGHT_PREFIX = "callerid:flight:"
+DEFAULT_TIMEOUT = 0.05
+"""Seconds an operation may take, all of it (CALLERID_CACHE_TIMEOUT's default)."""
 _PURGE_BATCH = 500
 # The longest a settle waits for a lead to carry it. Short next to the 10 ms a waiting
 # resolver polls at, long next to the gap between two misses under load.
@@ -139,10 +162,16 @@ class RedisCache:
         log_every: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         settle_delay: float = SETTLE_DELAY,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        """`timeout` bounds each operation as a whole (see the module docstring), whatever
+        the client's own timeouts are."""
         if key_prefix == flight_prefix:
             raise ValueError("the answer and flight-lock key prefixes must differ")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
         self._client = client
+        self._timeout = timeout
         self._on_error = on_error
         self._prefix = key_prefix
         self._flight_prefix = flight_prefix
@@ -152,6 +181,7 @@ class RedisCache:
         self._log_every = log_every
         self._clock = clock
         self._last_log: float | None = None
+        self._failed_at: float | None = None  # when an operation last failed (`clock`)
         self._unlogged = 0
         self.errors = 0
         # Settles waiting for a lead to carry them; after `settle_delay` they go on their own.
@@ -162,7 +192,7 @@ class RedisCache:
         cls,
         url: str,
         *,
-        timeout: float = 0.05,
+        timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 64,
         on_error: Callable[[], None] | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
@@ -172,25 +202,28 @@ class RedisCache:
     ) -> RedisCache:
         """A cache over a client built for failing fast (see the module docstring).
 
-        `max_connections` bounds the pool: when Redis stalls, requests beyond it fail at once
-        (counted as errors) instead of opening ever more connections.
+        `max_connections` bounds the pool: when Redis stalls, operations beyond it wait for a
+        free connection within their `timeout`, then fail (counted as errors), instead of
+        opening ever more connections.
         """
-        client = redis.asyncio.Redis.from_url(
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout,  # the longest wait for a free connection
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_error=[],
             health_check_interval=0,
-            max_connections=max_connections,
         )
         return cls(
-            client,
+            redis.asyncio.Redis.from_pool(pool),  # the client closes the pool with itself
             on_error=on_error,
             key_prefix=key_prefix,
             flight_prefix=flight_prefix,
             pepper=pepper,
             log_every=log_every,
+            timeout=timeout,
         )
 
     def key(self, node_id: str, customer_id: str) -> str:
@@ -212,7 +245,8 @@ class RedisCache:
 
     async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
         try:
-            raw = await self._client.get(self.key(node_id, customer_id))
+            async with asyncio.timeout(self._timeout):
+                raw = await self._client.get(self.key(node_id, customer_id))
             if raw is None:
                 return CacheMiss.MISS
             return _decode(raw)
@@ -225,7 +259,8 @@ class RedisCache:
         if ttl_ms <= 0:
             return
         try:
-            await self._client.set(self.key(node_id, customer_id), _encode(answer), px=ttl_ms)
+            async with asyncio.timeout(self._timeout):
+                await self._client.set(self.key(node_id, customer_id), _encode(answer), px=ttl_ms)
         except _FAILURES as exc:
             self._failed("write", exc)
 
@@ -234,31 +269,41 @@ class RedisCache:
         settles = self._settles.take()
         keys, args = _script_input(settles)
         try:
-            found = await self._lead(
-                keys=[*self._keys(node_id, customer_id), *keys],
-                args=[token, max(1, int(ttl * 1000)), *args],
-            )
+            async with asyncio.timeout(self._timeout):
+                found = await self._lead(
+                    keys=[*self._keys(node_id, customer_id), *keys],
+                    args=[token, max(1, int(ttl * 1000)), *args],
+                )
         except _FAILURES as exc:
+            # Its own timeout included: the settles failed with it, their locks expire by
+            # themselves.
             self._failed("flight lock", exc)
-            _settled(settles)  # failed with it: their locks expire by themselves
+            _settled(settles)
             return Flight.ERROR
         except asyncio.CancelledError:
-            # Sent or not, nobody knows: queue them again. A settle is idempotent (the same
-            # SET, and a delete only of its own token), so carrying one out twice is harmless.
+            # Cancelled from outside. Sent or not, nobody knows: queue them again. A settle is
+            # idempotent (the same SET, and a delete only of its own token), so carrying one
+            # out twice is harmless.
             self._settles.add(settles, first=True)
             raise
         _settled(settles)
         try:
             if isinstance(found, bytes | str):
                 return _decode(found)
-            return Lease(node_id, customer_id, token) if found == 1 else Flight.HELD
+            if found == 1:
+                return Lease(node_id, customer_id, token)
         except _FAILURES as exc:
             self._failed("flight lock", exc)
             return Flight.ERROR
+        if self._failed_at is not None and self._clock() - self._failed_at < ttl:
+            # Maybe nobody's lock (see "Doubted locks" in the module docstring): go without.
+            return Flight.ERROR
+        return Flight.HELD
 
     async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
         try:
-            answer, holder = await self._client.mget(self._keys(node_id, customer_id))
+            async with asyncio.timeout(self._timeout):
+                answer, holder = await self._client.mget(self._keys(node_id, customer_id))
             if answer is not None:
                 return _decode(answer)
             return Flight.FREE if holder is None else Flight.HELD
@@ -291,7 +336,8 @@ class RedisCache:
     async def _run_settles(self, settles: list[_Settle]) -> None:
         keys, args = _script_input(settles)
         try:
-            await self._settle(keys=keys, args=args)
+            async with asyncio.timeout(self._timeout):
+                await self._settle(keys=keys, args=args)
         except _FAILURES as exc:
             self._failed("write and flight lock release", exc)
         finally:
@@ -324,7 +370,7 @@ class RedisCache:
         self.errors += 1
         if self._on_error is not None:
             self._on_error()
-        now = self._clock()
+        now = self._failed_at = self._clock()
         if self._last_log is not None and now - self._last_log < self._log_every:
             self._unlogged += 1
             return
@@ -334,7 +380,8 @@ class RedisCache:
             "(%d more failures since the last warning)",
             what,
             type(exc).__name__,
-            exc,
+            # The operation's own timeout says nothing of itself.
+            str(exc) or f"not done within {self._timeout * 1000:.0f} ms",
             suppressed,
         )
 

@@ -1,6 +1,6 @@
 """The resolver: answer one identification request from the cache or the node's CRM.
 
-What belongs here: the rules of DESIGN §5-§7 — which node, whether the request is still
+What belongs here: the rules of docs/design.md §5-§7 — which node, whether the request is still
 worth answering, cache first, one CRM call per identical lookup in flight, the time budget,
 the one retry, the circuit breaker, what an acceptable answer is, what is cached and for how
 long — and the resolver's metrics. What does not: transport (the RabbitMQ consumer and the
@@ -10,11 +10,22 @@ Rules chosen here, beyond the design's words:
 - The node, and so the CRM URL, comes from the resolver's own configuration by the
   request's node id; a message can never aim the resolver at a URL.
 - A request whose deadline has passed is answered `expired` with no cache or CRM call.
-- Budget of an attempt: min(node.crm_timeout, deadline - now).
-- Retry: at most once, only after a CRM outage error (timeout, unreachable, 5xx), only when
-  the breaker still allows it, and only if the time left is at least
-  max(RETRY_MIN_BUDGET, half of what the first attempt was given). A retry with less time
-  than that would mostly time out too and only delay the caller's fallback.
+- Budget of an attempt: min(node.crm_timeout, deadline - now). With no time left (the
+  deadline passed while the request waited for the cache or another's lock) the CRM is not
+  asked: the reply is `crm_timeout`, and neither the breaker nor the CRM metrics hear of it.
+- Only the CRM's own failures are outages (`_blame`): unreachable, a 5xx, or a timeout of an
+  attempt that had the CRM's full time — a budget of at least FULL_ATTEMPT (90 %) of
+  node.crm_timeout (the gateway's deadline is crm_timeout after the caller's last digit, so a
+  first attempt always has a little less: the 10 % is the request's way to the resolver), and
+  that time really went by with this process running: a timeout noticed more than
+  STALL_MARGIN after its budget ran out was noticed by a process that was not running (frozen,
+  its event loop blocked), whose CRM answer may well be waiting unread in its socket. Any
+  other timeout is the call's time running out, not the CRM's: UNTESTED for the breaker (it
+  neither opens nor closes a circuit) and never retried.
+- Retry: at most once, only after a CRM outage, only when the breaker still allows it, and
+  only if the time left is at least max(RETRY_MIN_BUDGET, half of what the first attempt was
+  given). A retry with less time than that would mostly time out too and only delay the
+  caller's fallback.
 - A `crm_true_false` node given a destination answers `crm_bad_response`: such a node has
   no place to route a CRM-chosen destination, so the CRM is not speaking the node's protocol.
   A destination whose type the node does not allow is `crm_disallowed_destination`. Neither
@@ -79,7 +90,7 @@ from enum import Enum
 
 from prometheus_client import Counter, Histogram
 
-from crm_resolver.circuit import BreakerRegistry, CircuitState
+from crm_resolver.circuit import Attempt, BreakerRegistry, CircuitState
 from crm_resolver.metrics import CIRCUIT_STATES, ResolverMetrics
 from crm_resolver.ports import (
     Cache,
@@ -105,6 +116,13 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN_BUDGET = 0.05
 """Seconds: a retry given less than this is not attempted."""
+
+FULL_ATTEMPT = 0.9
+"""Share of node.crm_timeout an attempt must be given for its timeout to be the CRM's fault."""
+
+STALL_MARGIN = 0.1
+"""Seconds past its budget a timeout may be noticed and still be the CRM's fault; later, the
+process was not running when the time ran out."""
 
 TTL_JITTER = 0.1
 
@@ -401,12 +419,16 @@ class Resolver:
         node, customer_id, deadline, meters = ask.node, ask.customer_id, ask.deadline, ask.meters
         assert node.url is not None  # uses_crm implies a URL (NodeConfig validates it)
         breaker = self._breakers.get(node.url)
+        clock = self._clock
+        budget = first_budget = min(node.crm_timeout, deadline - clock())
+        if budget <= 0:
+            # The time went on the cache or another's lock: nothing to ask the CRM with, and
+            # nothing learnt about it.
+            return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
         if not breaker.allow():
             meters.crm(ErrorCode.CRM_CIRCUIT_OPEN.value).inc()
             return _Resolution(None, ErrorCode.CRM_CIRCUIT_OPEN, None)
 
-        clock = self._clock
-        budget = first_budget = min(node.crm_timeout, deadline - clock())
         spent = 0.0
         retried = False
         while True:
@@ -420,10 +442,10 @@ class Resolver:
                 spent += took
                 meters.duration.observe(took)
                 meters.crm(err.code.value).inc()
-                if not _is_outage(err):
-                    breaker.record_success()
+                attempt = _blame(err, node, budget, took)
+                breaker.record(attempt)
+                if attempt is not Attempt.DOWN:
                     return _Resolution(None, err.code, spent * 1000)
-                breaker.record_failure()
                 left = deadline - clock()
                 if (
                     self._retry
@@ -462,10 +484,26 @@ class Resolver:
 
 
 def _is_outage(err: CrmError) -> bool:
-    """Errors that say the CRM is down or overloaded: they trip the breaker and may retry."""
+    """Errors of the kinds that say the CRM is down or overloaded (a timeout only when the CRM
+    caused it: `_blame`)."""
     if isinstance(err, CrmHttpStatus):
         return err.status >= 500
     return isinstance(err, CrmTimeout | CrmUnreachable)
+
+
+def _blame(err: CrmError, node: NodeConfig, budget: float, took: float) -> Attempt:
+    """What a failed attempt says about the CRM. DOWN (an outage: the breaker counts it, it
+    may be retried): unreachable, a 5xx, or a timeout the CRM caused — it had its full time
+    (`budget` at least FULL_ATTEMPT of node.crm_timeout) and the time ran out while this
+    process was running (noticed at most STALL_MARGIN late). UNTESTED: any other timeout, the
+    call's time running out. UP: every other error, an answer from a CRM that is up."""
+    if not _is_outage(err):
+        return Attempt.UP
+    if isinstance(err, CrmTimeout):
+        full = budget >= FULL_ATTEMPT * node.crm_timeout
+        if not full or took > budget + STALL_MARGIN:
+            return Attempt.UNTESTED
+    return Attempt.DOWN
 
 
 def judge(node: NodeConfig, answer: CrmAnswer) -> ErrorCode | None:
