@@ -1,4 +1,4 @@
-"""The `CrmClient` adapter over aiohttp: one POST per lookup, OMniLeads' wire format (DESIGN §5).
+"""The `CrmClient` adapter over aiohttp: a POST per lookup, OMniLeads' format (docs/design.md §5).
 
 What belongs here: the HTTP request, its time limits, reading the answer with a hard cap, and
 turning every foreign exception into the `CrmError` tree of `crm_resolver.ports`, once, with
@@ -9,7 +9,7 @@ The request is exactly OMniLeads': `POST <node.url>`, `User-Agent: OMniLeads`,
 `Content-Type: application/x-www-form-urlencoded`, body `idContact=<digits>`. It also says
 `Accept-Encoding: identity` and nothing is decompressed: a compressed body could expand far
 past the cap before a byte of it is counted (a CRM that compresses anyway gets
-`CrmBadResponse`). The optional extras of DESIGN §5 are per node and off by default:
+`CrmBadResponse`). The optional extras of docs/design.md §5 are per node and off by default:
 `crm_send_context` adds `callerNumber`, `callId` and `nodeId` to the form;
 `crm_token_env` adds `Authorization: Bearer <token>`; `crm_signing_secret_env` adds the
 Standard Webhooks headers over the exact body sent (`signing`).
@@ -46,6 +46,8 @@ Exception mapping (nothing from aiohttp, asyncio or ssl escapes `lookup`):
       Content-Length or body over MAX_BODY
     whatever `parse_crm_response` raises       → as raised (CrmBadResponse, CrmStatusFail)
 
+`fetch` is `lookup` without that last step: the body's bytes, for `tools.crm_check`.
+
 The line between unreachable and bad response: before the CRM has sent a status line it may
 be down (CrmUnreachable, an outage: the resolver retries and the breaker counts it); once it
 has answered, whatever is wrong with the answer is the CRM speaking badly (CrmBadResponse).
@@ -58,7 +60,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -112,10 +114,13 @@ class HttpCrmClient:
         credentials: CrmCredentials | None = None,
         clock: Callable[[], float] = time.time,
         dns: AbstractResolver | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
-        """`dns` replaces aiohttp's resolver under the address policy (tests map names)."""
+        """`dns` replaces aiohttp's resolver under the address policy (tests map names);
+        `trace_configs` watch the requests (`tools.crm_check` shows them; the service has none)."""
         self._settings = settings
         self._dns = dns
+        self._trace_configs = list(trace_configs)
         self._credentials = credentials if credentials is not None else CrmCredentials()
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
@@ -140,6 +145,7 @@ class HttpCrmClient:
             auto_decompress=False,
             # The reader stops taking bytes from the socket once about this much is buffered.
             read_bufsize=MAX_BODY,
+            trace_configs=self._trace_configs or None,
         )
 
     async def close(self) -> None:
@@ -151,6 +157,14 @@ class HttpCrmClient:
         self, node: NodeConfig, customer_id: str, *, budget: float, context: CallContext
     ) -> CrmAnswer:
         """Ask the node's CRM about one customer id within `budget` seconds."""
+        body = await self.fetch(node, customer_id, budget=budget, context=context)
+        return parse_crm_response(body)
+
+    async def fetch(
+        self, node: NodeConfig, customer_id: str, *, budget: float, context: CallContext
+    ) -> bytes:
+        """`lookup` up to the body of the CRM's 2xx answer, not parsed yet (`tools.crm_check`
+        shows the bytes before parsing them); raises as `lookup` does, but for the parsing."""
         if self._session is None:
             raise RuntimeError("HttpCrmClient.lookup before start()")
         if node.url is None:
@@ -189,7 +203,7 @@ class HttpCrmClient:
             raise CrmUnreachable(f"cannot connect: {type(exc).__name__}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise CrmUnreachable(f"connection failed: {type(exc).__name__}") from exc
-        return parse_crm_response(answer)
+        return answer
 
     def _request(
         self,

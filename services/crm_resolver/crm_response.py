@@ -1,4 +1,4 @@
-"""The CRM's answer body (DESIGN §5) parsed into a `CrmAnswer`: pure, no I/O.
+"""The CRM's answer body (docs/design.md §5) parsed into a `CrmAnswer`: pure, no I/O.
 
 What belongs here: the rules that turn the bytes a CRM sent into true / false / a destination,
 or into `CrmBadResponse` / `CrmStatusFail`. What does not: HTTP (status codes, reading with a
@@ -28,6 +28,10 @@ Chosen to be conservative, because a wrong guess routes a caller somewhere nobod
 
 Error messages are short and quote at most a few dozen characters of what the CRM sent: they
 end up in logs, and a hostile CRM must not be able to fill them.
+
+`parse_crm_response(body, notes)` also says, in `notes`, which of the accepted variants each
+part of the answer used (`tools.crm_check` shows them to CRM developers); without `notes` it
+is the same parse.
 """
 
 from __future__ import annotations
@@ -51,20 +55,25 @@ _SNIPPET_CHARS = 40
 _SNIPPET_MAX = 60
 
 
-def parse_crm_response(body: bytes) -> CrmAnswer:
-    """The CRM's answer in `body`; raise CrmBadResponse or CrmStatusFail (see module doc)."""
-    document = _decode(body)
+def parse_crm_response(body: bytes, notes: list[str] | None = None) -> CrmAnswer:
+    """The CRM's answer in `body`; raise CrmBadResponse or CrmStatusFail (see module doc).
+
+    `notes`, when given, receives one line per variant the answer used, as far as it was read.
+    """
+    document = _decode(body, notes)
     if not isinstance(document, dict):
         _bad(f"expected a JSON object, got {type(document).__name__}")
-    status = _status(document)
+    status = _status(document, notes)
     if status == "fail":
         raise CrmStatusFail("CRM answered status fail")
-    return _destination(document)
+    return _destination(document, notes)
 
 
-def _decode(body: bytes) -> Any:
+def _decode(body: bytes, notes: list[str] | None) -> Any:
     if len(body) > MAX_BODY:
         _bad(f"body over {MAX_BODY} bytes")
+    if notes is not None and body.startswith(_BOM):
+        notes.append("UTF-8 byte order mark: skipped")
     try:
         text = body.removeprefix(_BOM).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -83,20 +92,27 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _status(document: dict[str, Any]) -> str:
+def _status(document: dict[str, Any], notes: list[str] | None) -> str:
     """'ok' or 'fail'; an absent status is 'ok' (the destination is checked after)."""
     if "status" not in document:
+        if notes is not None:
+            notes.append('status: absent, taken as "ok"')
         return "ok"
     value = document["status"]
     if isinstance(value, str):
         word = value.strip().lower()
         if word in ("ok", "fail"):
+            if notes is not None:
+                notes.append(_as_written("status", value, word))
             return word
     _bad(f"unknown status {_snippet(value)}")
 
 
-def _destination(document: dict[str, Any]) -> CrmAnswer:
-    answers = [_answer(document[key]) for key in _DESTINATION_KEYS if key in document]
+def _destination(document: dict[str, Any], notes: list[str] | None) -> CrmAnswer:
+    keys = [key for key in _DESTINATION_KEYS if key in document]
+    if notes is not None and keys:
+        notes.append(f"answer key: {' and '.join(repr(key) for key in keys)}")
+    answers = [_answer(document[key], notes) for key in keys]
     if not answers:
         _bad("no destination (or response) in the answer")
     if len(answers) == 2 and answers[0] != answers[1]:
@@ -104,30 +120,49 @@ def _destination(document: dict[str, Any]) -> CrmAnswer:
     return answers[0]
 
 
-def _answer(value: Any) -> CrmAnswer:
+def _answer(value: Any, notes: list[str] | None) -> CrmAnswer:
     if isinstance(value, bool):
+        if notes is not None:
+            notes.append(f"answer: JSON boolean {str(value).lower()}")
         return _TRUE if value else _FALSE
     if isinstance(value, str):
         text = value.strip()
         word = _WORDS.get(text.lower())
         if word is not None:
+            if notes is not None:
+                notes.append(_as_written("answer", value, text.lower()))
             return word
         # Destination.parse's pattern uses \d, which also matches non-ASCII digits.
         if text.isascii():
             try:
-                return CrmAnswer(Verdict.DESTINATION, Destination.parse(text))
+                destination = Destination.parse(text)
             except ValueError:
                 pass
+            else:
+                if notes is not None:
+                    notes.append(_as_written("answer", value, str(destination)))
+                return CrmAnswer(Verdict.DESTINATION, destination)
         _bad(f"unknown destination {_snippet(value)}")
     if isinstance(value, list) and len(value) == 2:
         type_, id_ = value
         # bool is an int subclass: [true, false] is not a destination.
         if all(isinstance(part, int) and not isinstance(part, bool) for part in value):
             try:
-                return CrmAnswer(Verdict.DESTINATION, Destination(type=type_, id=id_))
+                destination = Destination(type=type_, id=id_)
             except ValueError:
                 pass
+            else:
+                if notes is not None:
+                    notes.append(f"answer: JSON list [{type_}, {id_}], read as {destination}")
+                return CrmAnswer(Verdict.DESTINATION, destination)
     _bad(f"unknown destination {_snippet(value)}")
+
+
+def _as_written(part: str, value: str, canonical: str) -> str:
+    """A note on a string the CRM sent: as is, or which tolerance read it as `canonical`."""
+    if value == canonical:
+        return f"{part}: string {_snippet(value)}"
+    return f"{part}: string {_snippet(value)}, read as {canonical!r}"
 
 
 def _snippet(value: Any) -> str:
