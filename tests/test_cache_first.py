@@ -197,7 +197,9 @@ async def test_a_stalled_redis_holds_each_read_at_most_the_cache_timeout(tmp_pat
     server = redis_server(tmp_path)
     try:
         settings = CommonSettings(
-            redis_url=f"redis://127.0.0.1:{server.tcp_port}/0", cache_timeout=timeout
+            redis_url=f"redis://127.0.0.1:{server.tcp_port}/0",
+            cache_timeout=timeout,
+            cache_key_pepper="test-cache-secret-0001",
         )
         async with contextlib.AsyncExitStack() as exits:
             cache = build_cache(exits, settings)

@@ -15,6 +15,8 @@ from shared.nodes import build_nodes
 from tests import deploy_helpers as h
 
 CALLERID_SERVICES = ("gateway", "resolver", "mock-crm")
+# What an operator puts in the environment or an .env file: the compose file requires it.
+SECRETS = {"CALLERID_CACHE_KEY_PEPPER": "test-only-cache-secret-0123456789"}
 HTTP_PORTS = {"gateway": 9100, "resolver": 9101}
 
 
@@ -40,6 +42,7 @@ def _rendered() -> dict[str, Any]:
         "config",
         "--format",
         "json",
+        env=SECRETS,
     )
     h.assert_tool_ok(result)
     data: dict[str, Any] = yaml.safe_load(result.stdout)
@@ -54,8 +57,34 @@ def services() -> dict[str, Any]:
 def test_compose_file_is_valid() -> None:
     """`docker compose config --quiet` accepts docker-compose.yml (schema and semantics)."""
     h.assert_tool_ok(
-        h.run_tool(_compose(), "--project-directory", h.ROOT, "-f", h.COMPOSE_FILE, "config", "-q")
+        h.run_tool(
+            _compose(),
+            "--project-directory",
+            h.ROOT,
+            "-f",
+            h.COMPOSE_FILE,
+            "config",
+            "-q",
+            env=SECRETS,
+        )
     )
+
+
+def test_compose_refuses_to_run_without_the_cache_secret() -> None:
+    """Without CALLERID_CACHE_KEY_PEPPER Compose stops at once, naming the variable: the
+    stack cannot come up with cache keys anyone can reverse."""
+    result = h.run_tool(
+        _compose(),
+        "--project-directory",
+        h.ROOT,
+        "-f",
+        h.COMPOSE_FILE,
+        "config",
+        "-q",
+        env={"CALLERID_CACHE_KEY_PEPPER": ""},
+    )
+    assert result.returncode != 0
+    assert "CALLERID_CACHE_KEY_PEPPER" in result.stderr
 
 
 def test_compose_validation_rejects_an_unknown_key(tmp_path: Path) -> None:
@@ -64,7 +93,9 @@ def test_compose_validation_rejects_an_unknown_key(tmp_path: Path) -> None:
     data["services"]["resolver"]["helthcheck"] = data["services"]["resolver"].pop("healthcheck")
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(yaml.safe_dump(data))
-    result = h.run_tool(_compose(), "--project-directory", h.ROOT, "-f", broken, "config", "-q")
+    result = h.run_tool(
+        _compose(), "--project-directory", h.ROOT, "-f", broken, "config", "-q", env=SECRETS
+    )
     assert result.returncode != 0
     assert "helthcheck" in result.stderr
 

@@ -4,6 +4,8 @@ open fast."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -80,6 +82,10 @@ async def test_pepper_changes_the_key(redis_base_url: str, unique_name: str) -> 
     try:
         assert plain.key("n1", "123") != peppered.key("n1", "123")
         assert peppered.key("n1", "123") == peppered.key("n1", "123")
+        # A keyed hash: neither a plain hash of the id nor of secret + id gives the key.
+        digest = peppered.key("n1", "123").rsplit(":", 1)[1]
+        assert digest == hmac.new(b"s3", b"123", hashlib.sha256).hexdigest()
+        assert digest != hashlib.sha256(b"s3123").hexdigest()
     finally:
         await plain.close()
         await peppered.close()

@@ -240,7 +240,10 @@ async def test_redis_stall_under_load_costs_no_call(
         url = f"redis://127.0.0.1:{server.tcp_port}/0"
         stack = make_stack(url)
         async with contextlib.AsyncExitStack() as exits:
-            cache = build_cache(exits, CommonSettings(redis_url=url, cache_timeout=CACHE_TIMEOUT))
+            settings = CommonSettings(
+                redis_url=url, cache_timeout=CACHE_TIMEOUT, cache_key_pepper="test-cache-secret-01"
+            )
+            cache = build_cache(exits, settings)
             assert isinstance(cache, RedisCache)
             probe = CacheProbe(cache)
             load = Load(stack, rate=RATE, concurrency=40)

@@ -160,3 +160,18 @@ def test_gateway_warns_about_typos_and_empty_nodes_and_keeps_running(tmp_path: P
     for text in wanted:
         assert text in log
     assert "WARNING agi_gateway.app: CALLERID_MAXCALLS" in log
+
+
+def test_a_shared_redis_without_a_cache_secret_is_refused() -> None:
+    """With CALLERID_REDIS_URL set, the services refuse to start without a cache-key secret
+    of 16+ characters, in one line naming the variable; without Redis none is needed."""
+    from pydantic import ValidationError
+
+    from shared.settings import CommonSettings
+
+    with pytest.raises(ValidationError, match="CALLERID_CACHE_KEY_PEPPER"):
+        CommonSettings(redis_url="redis://127.0.0.1:6379/0")
+    with pytest.raises(ValidationError, match="CALLERID_CACHE_KEY_PEPPER"):
+        CommonSettings(redis_url="redis://127.0.0.1:6379/0", cache_key_pepper="short")
+    assert CommonSettings(redis_url="redis://x/0", cache_key_pepper="s" * 16).redis_url
+    assert CommonSettings().cache_key_pepper == ""

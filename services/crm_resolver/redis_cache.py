@@ -3,11 +3,12 @@
 What belongs here: key and value formats, the Redis calls, and failing open. What does not:
 what to cache and for how long (the resolver decides; `put` is told the TTL).
 
-Keys: f"{key_prefix}{node_id}:{sha256(pepper + customer_id)}" (hex). The customer id never
-appears in a key. Without a pepper the hash only keeps ids out of plain sight: customer ids
-are short digit strings, so anyone who can read the keys can find an id by hashing
-candidates. A secret pepper (from settings, never from a message) makes that impossible;
-changing it orphans the old entries, which then just expire.
+Keys: f"{key_prefix}{node_id}:{HMAC-SHA256(secret, customer_id)}" (hex), the secret being
+`CALLERID_CACHE_KEY_PEPPER`. The customer id never appears in a key, and a keyed hash is what
+keeps it from being recovered: customer ids are short digit strings, so a plain hash of one
+is found by hashing every candidate (a 6-digit id in under a second). The services refuse to
+start with a shared Redis and no secret (`shared.settings`). Changing the secret orphans the
+old entries, which then just expire.
 
 Values: compact JSON, {"v":"true"}, {"v":"false"} or {"v":"destination","t":1,"i":3}.
 
@@ -75,6 +76,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -177,7 +179,7 @@ class RedisCache:
         self._flight_prefix = flight_prefix
         self._lead = client.register_script(_LEAD)
         self._settle = client.register_script(_SETTLE)
-        self._hasher = hashlib.sha256(pepper.encode())
+        self._hasher = hmac.new(pepper.encode(), digestmod=hashlib.sha256)
         self._log_every = log_every
         self._clock = clock
         self._last_log: float | None = None
