@@ -1,39 +1,59 @@
 # Fresh machine: `make run` starts the embedded service with the example nodes and a mock CRM;
-# `make test` builds the virtualenv, installs everything and runs the whole suite.
+# `make test` builds the virtualenv, installs everything and runs the whole suite (README,
+# "Run it, test it" and "Before you start"). `make help` lists the targets.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The package with its dev extras (tests, linters, fuzzers, deploy-test tools): everything but run.
 STAMP := $(VENV)/.installed
+# The runtime package only: all `make run` needs, a fraction of the install time.
+RUN_STAMP := $(VENV)/.installed-run
+# The unit tests: no RabbitMQ, Redis or Asterisk, nothing long.
+FAST := not integration and not asterisk and not slow
 
-.PHONY: run test lint typecheck services bench clean
+.DEFAULT_GOAL := help
+.PHONY: help run test test-fast lint typecheck services bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' \
+		$(MAKEFILE_LIST)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-services:
-	bash tools/ensure_services.sh
-	bash tools/ensure_tools.sh
+run: $(RUN_STAMP) ## the embedded gateway on 127.0.0.1:4573 (metrics :9100) + mock CRM; Ctrl-C stops both
+	exec bash tools/run_embedded.sh
 
-run: $(STAMP)
-	bash tools/run_embedded.sh
+test: $(STAMP) services lint typecheck ## what CI runs: services, tools, ruff, mypy, all tests incl. real Asterisk (root)
+	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+test-fast: $(STAMP) ## unit tests only (no RabbitMQ/Redis/Asterisk, no slow forms; about 1.5 min); no root
+	$(BIN)/python -m pytest -m "$(FAST)"
+
+lint: $(STAMP) ## ruff check + ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) ## mypy (strict)
 	$(BIN)/mypy
 
-test: $(STAMP) services lint typecheck
-	$(BIN)/python -m pytest
+services: ## install/start local Redis + RabbitMQ and the deploy-test tools (apt needs root)
+	bash tools/ensure_services.sh
+	bash tools/ensure_tools.sh
 
-# Full run about 5 min (BENCH_SMOKE=1 for the 20-second form CI runs through the test suite).
-bench: $(STAMP) services
+# The smoke form is the one tests/test_bench_smoke.py runs in the suite.
+bench: $(STAMP) services ## the benchmark (README "Benchmark"); BENCH_SMOKE=1: its ~45 s smoke form
 	if [ -n "$$BENCH_SMOKE" ]; then $(BIN)/python -m bench.run --smoke; else $(BIN)/python -m bench.run --profile; fi
 
-clean:
+clean: ## remove .venv and the tool caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

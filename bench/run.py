@@ -1,4 +1,4 @@
-"""The end-to-end benchmark: `python -m bench.run` (full, ~6 min) or `--smoke` (CI, < 30 s).
+"""The end-to-end benchmark: `python -m bench.run` (full, ~6 min) or `--smoke` (CI, ~45 s).
 
 One command starts what it needs on this machine's RabbitMQ and Redis (`tools.stack.Stack`:
 mock CRM, resolvers, gateway as real processes on loopback; the floor's processes), runs the

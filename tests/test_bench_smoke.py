@@ -2,7 +2,8 @@
 
 The figures of a seconds-long run on a shared machine say nothing; what this checks is that
 the command still starts everything, runs every scenario without a failed call, writes its
-results, and leaves no process of its own behind.
+results, and leaves no process of its own behind. How long it takes is not checked either (about
+45 s on a quiet 2-core box, far more on a loaded one); the time limits below only stop a hang.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,27 +52,24 @@ def _ours_and_alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_smoke_run_completes_and_cleans_up(tmp_path: Path) -> None:
-    """`python -m bench.run --smoke` exits 0 in CI time, with every scenario and no failure."""
+    """`python -m bench.run --smoke` exits 0, with every scenario and no failure."""
     env = dict(
         os.environ,
         CALLERID_AMQP_URL=find_service("RabbitMQ", "CALLERID_TEST_AMQP_URL", LOCAL_AMQP, 5672),
         CALLERID_REDIS_URL=find_service("Redis", "CALLERID_TEST_REDIS_URL", LOCAL_REDIS, 6379),
     )
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--smoke", "--results-dir", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=280,
         check=False,
     )
-    took = time.monotonic() - started
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert took < 60, f"the smoke run took {took:.0f} s"
     results = list(tmp_path.glob("*-smoke.json"))
     assert len(results) == 1
     run = json.loads(results[0].read_text())

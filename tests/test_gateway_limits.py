@@ -197,7 +197,6 @@ async def test_flood_of_unrequested_replies_is_cut_off(
     caplog.set_level(logging.DEBUG)
     reader, writer = await asyncio.open_connection(*gateway.server.address)
     writer.write(GOOD_ENV + b"\n")
-    started = time.monotonic()
     sent = 0
     async with asyncio.timeout(5):
         assert (await reader.readline()).startswith(b'EXEC MSet "TIMEOUT(response)=')
@@ -216,7 +215,6 @@ async def test_flood_of_unrequested_replies_is_cut_off(
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
-    assert time.monotonic() - started < 2
     assert sent < 50_000_000  # cut off long before the client gave up
     assert b"__OML_CUSTOMER_ID" not in rest  # a pre-sent "12345" never became an entry
     await eventually(lambda: gateway.server is not None and gateway.server.live_calls == 0)

@@ -63,6 +63,7 @@ def scan(text: str, where: str, found: list[str]) -> None:
             found.append(f"{where}: {text[:200]!r}")
 
 
+@pytest.mark.integration
 async def test_planted_customer_id_is_nowhere_in_clear(
     tmp_path: Path, redis_base_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,6 +9,7 @@ from shared.topology import Topology
 from tools.stack import delete_topology
 
 
+@pytest.mark.integration
 async def test_a_stacks_topology_is_deleted_from_the_broker(
     amqp_url: str, unique_name: str
 ) -> None:

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Make sure the local RabbitMQ and Redis the integration tests use are up: install them from
-# Debian's packages if missing, start them if stopped, and wait until they answer.
+# Debian's packages if missing (needs root), start them if stopped, and wait until they answer.
+# A service the tests are pointed elsewhere for (CALLERID_TEST_AMQP_URL /
+# CALLERID_TEST_REDIS_URL, see tests/services.py) is left alone.
 set -euo pipefail
 
-need_root() { [ "$(id -u)" = 0 ] || { echo "ensure_services: run as root or start $1 yourself" >&2; exit 1; }; }
+need_root() {
+  [ "$(id -u)" = 0 ] || {
+    echo "ensure_services: $1 is not running here and installing it needs root: run as root," \
+      "start it yourself, or point the tests at one with $2" >&2
+    exit 1
+  }
+}
 apt_updated=""
 apt_install() {
-  need_root "$1"
-  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  # Another apt may hold the dpkg lock (unattended upgrades, a second session): wait for it.
+  local wait=(-o DPkg::Lock::Timeout=600)
+  [ -n "$apt_updated" ] || { apt-get "${wait[@]}" update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get "${wait[@]}" install -y -qq "$@" >/dev/null
 }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {
@@ -16,16 +25,22 @@ wait_port() {
   echo "ensure_services: $2 did not come up on port $1" >&2; exit 1
 }
 
-if ! port_open 6379; then
-  command -v redis-server >/dev/null || apt_install redis-server
-  mkdir -p /var/lib/redis /var/log/redis
+if [ -n "${CALLERID_TEST_REDIS_URL:-}" ]; then
+  echo "ensure_services: Redis from CALLERID_TEST_REDIS_URL"
+elif ! port_open 6379; then
+  command -v redis-server >/dev/null || { need_root Redis CALLERID_TEST_REDIS_URL; apt_install redis-server; }
+  redis_dir=/var/lib/redis redis_log=/var/log/redis
+  [ "$(id -u)" = 0 ] || { redis_dir=${TMPDIR:-/tmp}/callerid-redis; redis_log=$redis_dir; }
+  mkdir -p "$redis_dir" "$redis_log"
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
-    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    --appendonly no --dir "$redis_dir" --logfile "$redis_log/ci.log"
   wait_port 6379 Redis
 fi
 
-if ! port_open 5672; then
-  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+if [ -n "${CALLERID_TEST_AMQP_URL:-}" ]; then
+  echo "ensure_services: RabbitMQ from CALLERID_TEST_AMQP_URL"
+elif ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null || { need_root RabbitMQ CALLERID_TEST_AMQP_URL; apt_install rabbitmq-server; }
   rabbitmq-server -detached
   wait_port 5672 RabbitMQ
 fi
