@@ -11,6 +11,8 @@ BIN=.venv/bin
 CRM_LISTEN=${CRM_LISTEN:-127.0.0.1:8081}
 export CALLERID_AGI_LISTEN=${CALLERID_AGI_LISTEN:-127.0.0.1:4573}
 export CALLERID_HTTP_LISTEN=${CALLERID_HTTP_LISTEN:-127.0.0.1:9100}
+# Only this machine may talk FastAGI to the demo (the simulator, a local Asterisk).
+export CALLERID_AGI_ALLOWED_PEERS=${CALLERID_AGI_ALLOWED_PEERS:-127.0.0.1/32,::1/128}
 export CALLERID_NODES=${CALLERID_NODES:-examples/nodes.yaml}
 export CALLERID_JUMP_TEMPLATES=${CALLERID_JUMP_TEMPLATES:-'{"*": "oml-dest-{type},{id},1"}'}
 
