@@ -21,9 +21,13 @@ The shape, and why:
 - Replies use RabbitMQ direct reply-to (`REPLY_TO`): no reply queue to declare or clean up.
 
 `declare` is idempotent and every service calls it at start-up, so whichever starts first
-creates the topology. RabbitMQ refuses to re-declare a queue with different arguments
-(PRECONDITION_FAILED), so every service must use the same `Topology` values; changing
-`max_requests` on a live system means deleting the request queue first.
+creates the topology; it declares on aiormq's channel, so aio-pika's robust channel does not
+record what it declared (it would declare it again on every reopen, one more copy each time).
+Each service also declares it again whenever it finds part of it missing (a queue or exchange
+deleted on a live broker): see `shared.amqp_link`. RabbitMQ refuses to re-declare a queue with
+different arguments (PRECONDITION_FAILED), so every service must use the same `Topology`
+values; changing `max_requests` on a live system means stopping every service, then deleting
+the request queue (a running service would re-declare it with its old arguments at once).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq.abc
 from aio_pika import ExchangeType
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 """RabbitMQ's direct reply-to pseudo-queue: consumed with no_ack on the publishing channel."""
@@ -44,15 +49,6 @@ ROUTING_KEY = "identify"
 JSON = "application/json"
 TRANSIENT = 1
 """AMQP delivery mode of requests and replies: never written to disk (they live seconds)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Declared:
-    """Handles on what `declare` created, for the adapters that publish or consume."""
-
-    request_exchange: AbstractExchange
-    request_queue: AbstractQueue
-    dead_letter_exchange: AbstractExchange
 
 
 @dataclass(frozen=True)
@@ -101,23 +97,28 @@ class Topology:
             "x-overflow": "drop-head",
         }
 
-    async def declare(self, channel: AbstractChannel) -> Declared:
-        """Declare exchanges, queues and bindings (idempotent; same arguments everywhere)."""
-        requests_x = await channel.declare_exchange(
-            self.request_exchange, ExchangeType.DIRECT, durable=True
+    async def declare(self, channel: AbstractChannel | aiormq.abc.AbstractChannel) -> None:
+        """Declare exchanges, queues and bindings (idempotent; same arguments everywhere).
+
+        On aio-pika's channel (tests, tooling) or on aiormq's under it (the services)."""
+        if isinstance(channel, AbstractChannel):
+            channel = await channel.get_underlay_channel()
+        await channel.exchange_declare(
+            self.request_exchange, exchange_type=ExchangeType.DIRECT.value, durable=True
         )
-        requests = await channel.declare_queue(
+        await channel.queue_declare(
             self.request_queue, durable=True, arguments=self.request_queue_arguments()
         )
-        await requests.bind(requests_x, self.routing_key)
-        dead_x = await channel.declare_exchange(
-            self.dead_letter_exchange, ExchangeType.FANOUT, durable=True
+        await channel.queue_bind(self.request_queue, self.request_exchange, self.routing_key)
+        await channel.exchange_declare(
+            self.dead_letter_exchange, exchange_type=ExchangeType.FANOUT.value, durable=True
         )
-        dead = await channel.declare_queue(
+        await channel.queue_declare(
             self.dead_letter_queue, durable=True, arguments=self.dead_letter_queue_arguments()
         )
-        await dead.bind(dead_x, self.routing_key)
-        return Declared(requests_x, requests, dead_x)
+        await channel.queue_bind(
+            self.dead_letter_queue, self.dead_letter_exchange, self.routing_key
+        )
 
     async def delete(self, channel: AbstractChannel) -> None:
         """Remove everything `declare` created (tests and tear-down tooling only)."""

@@ -288,3 +288,32 @@ async def test_an_ack_waits_for_the_next_reply_and_goes_out_with_it(
         while await ready_messages(admin, topology.request_queue) == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     assert await ready_messages(admin, topology.request_queue) == 1
+
+
+async def test_a_deleted_request_queue_is_declared_again_and_requests_flow_again(
+    amqp_url: str, topology: Topology, admin: AbstractChannel, identifier: AmqpIdentifier
+) -> None:
+    """A request being handled when its queue is deleted is still answered, and its ack is
+    accepted (the channel stays open). The broker cancels the worker's consumer: the worker
+    counts one loss, declares the queue again by itself and consumes it, and is ready again;
+    later requests, routed to the new queue, are answered."""
+    gate = asyncio.Event()
+    handler = Handler(gate)
+    worker = worker_for(amqp_url, topology, handler)
+    await worker.start()
+    held = asyncio.create_task(identifier.identify(request(budget=5.0)))
+    await eventually(lambda: len(handler.calls) == 1)
+
+    await admin.queue_delete(topology.request_queue)
+    await eventually(lambda: worker._link.topology_losses == 1 and worker.ready)
+    channel = await worker._link.publisher()
+
+    gate.set()
+    assert (await held).verdict is Verdict.TRUE
+    reply = await identifier.identify(request(budget=5.0))
+    assert reply.verdict is Verdict.TRUE
+    assert len(handler.calls) == 2
+    assert await worker._link.publisher() is channel  # no channel error on the way
+    assert worker._link.topology_losses == 1
+    await worker.stop()
+    assert not worker.ready

@@ -9,6 +9,7 @@ At the end, gateway-side behaviour specific to RabbitMQ: metrics labels and a dr
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -320,6 +321,86 @@ async def test_identifier_is_not_ready_before_start_or_after_close(
     assert not identifier.ready
     with pytest.raises(IdentifyUnavailable):
         await identifier.identify(request())
+
+
+@pytest.mark.integration
+async def test_an_unroutable_request_makes_the_gateway_declare_the_request_queue_again(
+    amqp_url: str, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the request queue deleted (and no resolver to notice), the next request comes
+    back unroutable: that caller fails at once, the gateway is not ready until it has
+    declared the topology again, which it does by itself, logging the loss once (WARNING) and
+    the heal once (INFO); the queue is there again and the next request is answered."""
+    caplog.set_level(logging.INFO, logger="shared.amqp_link")
+    identifier = AmqpIdentifier(amqp_url, GatewayMetrics(CollectorRegistry()), topology=topology)
+    await identifier.start()
+    worker: AmqpWorker | None = None
+    try:
+        async with await aio_pika.connect(amqp_url) as admin:
+            channel = await admin.channel()
+            await channel.queue_delete(topology.request_queue)
+
+            with pytest.raises(IdentifyUnavailable):
+                await identifier.identify(request())
+            await eventually(lambda: identifier._link.topology_losses == 1 and identifier.ready)
+            await channel.declare_queue(topology.request_queue, passive=True)
+
+        worker = AmqpWorker(
+            amqp_url, EchoHandler(), ResolverMetrics(CollectorRegistry()), topology=topology
+        )
+        await worker.start()
+        req = request()
+        assert await identifier.identify(req) == answer(req)
+        assert identifier._link.topology_losses == 1
+        lines = [
+            (r.levelno, r.getMessage()) for r in caplog.records if r.name == "shared.amqp_link"
+        ]
+        assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+        assert "a request came back unroutable" in lines[0][1]
+    finally:
+        if worker is not None:
+            await worker.stop()
+        await identifier.close()
+
+
+@pytest.mark.integration
+async def test_a_deleted_request_exchange_is_declared_again_by_the_gateway(
+    amqp_url: str, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request to a deleted exchange makes the broker close the gateway's channel (404
+    NOT_FOUND): that caller fails at once; the gateway declares the exchange and its binding
+    again by itself (one WARNING, one INFO; no other warning), and the next request reaches
+    the resolver, which never noticed."""
+    caplog.set_level(logging.INFO)
+    identifier = AmqpIdentifier(
+        amqp_url, GatewayMetrics(CollectorRegistry()), topology=topology, reconnect_interval=0.1
+    )
+    worker = AmqpWorker(
+        amqp_url, EchoHandler(), ResolverMetrics(CollectorRegistry()), topology=topology
+    )
+    await identifier.start()
+    await worker.start()
+    try:
+        async with await aio_pika.connect(amqp_url) as admin:
+            await (await admin.channel()).exchange_delete(topology.request_exchange)
+
+        with pytest.raises(IdentifyUnavailable):
+            await identifier.identify(request())
+        await eventually(lambda: identifier._link.topology_losses == 1 and identifier.ready)
+        req = request()
+        assert await identifier.identify(req) == answer(req)
+        assert worker._link.topology_losses == 0
+        ours = [r for r in caplog.records if r.name.startswith(("shared", "agi_gateway"))]
+        warnings = [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "NOT_FOUND" in warnings[0]
+        assert [r.levelno for r in ours if r.name == "shared.amqp_link"] == [
+            logging.WARNING,
+            logging.INFO,
+        ]
+    finally:
+        await worker.stop()
+        await identifier.close()
 
 
 # --- In-memory bus specifics: concurrency bound and close ----------------------------------

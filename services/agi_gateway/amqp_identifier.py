@@ -23,6 +23,10 @@ How a call goes:
   reply consumer again once the robust channel has reopened (`shared.amqp_link`). Until then
   `ready` is false and calls fail at once: RabbitMQ closes a channel that publishes with direct
   reply-to before consuming from it.
+- A request returned unroutable means the request queue (or its binding) is gone: the link is
+  told (`topology_missing`), declares the topology again, and `ready` is false until it has;
+  meanwhile calls fail at once. A deleted exchange shows as the broker closing the channel
+  with 404, which the link notices by itself. Either way the loss is logged once, not per call.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from agi_gateway.metrics import GatewayMetrics
-from shared.amqp_link import AmqpLink
+from shared.amqp_link import AmqpLink, writable
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.ports import IdentifyTimeout, IdentifyUnavailable
 from shared.topology import JSON, REPLY_TO, TRANSIENT, Topology
@@ -65,7 +69,9 @@ class AmqpIdentifier:
         self._metrics = metrics
         self._topology = topology
         self._publish_timeout = publish_timeout
-        self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
+        self._link = AmqpLink(
+            url, connection_name, reconnect_interval=reconnect_interval, topology=topology
+        )
         self._closed = False
         self._pending: dict[str, asyncio.Future[IdentifyReply]] = {}
         self._bad_replies = 0
@@ -73,9 +79,8 @@ class AmqpIdentifier:
     async def start(self) -> None:
         started = False
         try:
-            channel = await self._link.open(on_return_raises=True)
+            channel = await self._link.open(on_return_raises=True)  # declares the topology
             channel.close_callbacks.add(self._on_channel_closed)
-            await self._topology.declare(channel)
             await self._link.consume(REPLY_TO, self._on_reply, no_ack=True)
             started = True
         finally:
@@ -89,8 +94,10 @@ class AmqpIdentifier:
 
     @property
     def ready(self) -> bool:
-        """Connected, channel open and consuming replies: requests can be answered."""
-        return not self._closed and self._link.consuming and self._link.up
+        """Connected, channel open, consuming replies and the topology whole (not being
+        declared again after a queue or exchange was deleted): requests can be answered."""
+        link = self._link
+        return not self._closed and link.consuming and link.up and link.topology_whole
 
     @property
     def pending(self) -> int:
@@ -102,7 +109,7 @@ class AmqpIdentifier:
         if left <= 0:
             raise IdentifyTimeout("the request's deadline had passed before it was sent")
         if not self.ready:
-            raise IdentifyUnavailable("not connected to the broker")
+            raise IdentifyUnavailable(self._why_not_ready())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + left
         correlation_id = request.request_id
@@ -110,6 +117,7 @@ class AmqpIdentifier:
             raise ValueError(f"request id {correlation_id!r} is already waiting for a reply")
         future: asyncio.Future[IdentifyReply] = loop.create_future()
         self._pending[correlation_id] = future
+        generation = self._link.generation  # a return is news only if nothing healed since
         try:
             properties = Basic.Properties(
                 content_type=JSON,
@@ -124,8 +132,11 @@ class AmqpIdentifier:
             try:
                 async with asyncio.timeout(min(self._publish_timeout, left)):
                     underlay = await self._link.publisher()
-                    if not self.ready:  # it waited for a reopen: the reply consumer may lag
-                        raise IdentifyUnavailable("not connected to the broker")
+                    # It may have waited for a reopen (the reply consumer may lag), or the
+                    # broker may have just closed the channel: a publish then would cost the
+                    # whole connection (see `writable`).
+                    if not (self.ready and writable(underlay)):
+                        raise IdentifyUnavailable(self._why_not_ready())
                     await underlay.basic_publish(
                         request.model_dump_json().encode(),
                         exchange=self._topology.request_exchange,
@@ -140,6 +151,7 @@ class AmqpIdentifier:
                     raise IdentifyTimeout("the deadline passed while publishing") from exc
                 raise IdentifyUnavailable("the broker did not confirm the request in time") from exc
             except aiormq.exceptions.PublishError as exc:
+                self._link.topology_missing("a request came back unroutable", generation)
                 raise IdentifyUnavailable("no queue is bound for identification requests") from exc
             except aiormq.exceptions.DeliveryError as exc:
                 raise IdentifyUnavailable("the broker rejected the request (queue full)") from exc
@@ -175,10 +187,22 @@ class AmqpIdentifier:
             return
         future.set_result(reply)
 
+    def _why_not_ready(self) -> str:
+        if not self._closed and self._link.up and not self._link.topology_whole:
+            return "the request queue or exchange is missing: declaring it again"
+        return "not connected to the broker"
+
     def _on_channel_closed(self, _sender: Any, exc: BaseException | None) -> None:
         # Direct reply-to is tied to the channel: nothing sent before this can be answered.
         if self._pending:
-            log.warning("broker channel closed (%r): failing %d waiting calls", exc, self.pending)
+            # A 404 is a deleted exchange: the link logs that loss at WARNING, once.
+            missing = isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity)
+            log.log(
+                logging.INFO if missing else logging.WARNING,
+                "broker channel closed (%r): failing %d waiting calls",
+                exc,
+                self.pending,
+            )
         self._fail_pending("the broker connection was lost")
 
     def _fail_pending(self, why: str) -> None:

@@ -26,6 +26,11 @@ one go leave in one send (`shared.amqp_coalesce`).
 
 Concurrency: aiormq starts a task per delivery, so up to `prefetch` handlers run at once.
 
+A deleted request queue: the broker cancels the consumer; the link (`shared.amqp_link`) logs
+it once, declares the topology again and consumes again, and `ready` is false until it has.
+Requests already delivered are still answered and acked (the acks of a deleted queue's
+messages are accepted); those still queued were deleted with it, and their callers fail over.
+
 Stop: cancel the consumer (no new deliveries), wait for in-flight handlers to finish and their
 replies to be published (bounded by `drain_timeout`), send the queued acks, then close.
 Anything still unacked when the channel closes goes back to the queue for another worker.
@@ -39,16 +44,14 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from crm_resolver.batch import Batch
 from crm_resolver.metrics import ResolverMetrics
-from shared.amqp_link import AmqpLink
+from shared.amqp_link import AmqpLink, writable
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.outcomes import ErrorCode
 from shared.ports import RequestHandler
@@ -56,6 +59,7 @@ from shared.topology import DEAD_REASON_HEADER, JSON, TRANSIENT, Topology
 
 log = logging.getLogger(__name__)
 
+PERSISTENT = 2  # AMQP delivery mode of dead letters: kept for someone to look at
 MIN_REPLY_WAIT = 0.05  # seconds granted to a reply publish even when the deadline is near
 # How long an ack may wait for a reply to go out with. 0: to the end of the loop turn, which
 # under load already batches it with other frames (5 ms measured no better, twice).
@@ -83,8 +87,9 @@ class AmqpWorker:
         self._prefetch = prefetch
         self._clock = clock
         self._node_label = node_label
-        self._link = AmqpLink(url, connection_name, reconnect_interval=reconnect_interval)
-        self._dead_letters: AbstractExchange | None = None
+        self._link = AmqpLink(
+            url, connection_name, reconnect_interval=reconnect_interval, topology=topology
+        )
         self._in_flight = 0
         self._acks: Batch[tuple[aiormq.Channel, int]] = Batch(
             ACK_DELAY, self._send_acks
@@ -95,11 +100,9 @@ class AmqpWorker:
     async def start(self) -> None:
         started = False
         try:
-            channel = await self._link.open()
+            channel = await self._link.open()  # declares the topology
             await channel.set_qos(prefetch_count=self._prefetch)
-            declared = await self._topology.declare(channel)
-            self._dead_letters = declared.dead_letter_exchange
-            await self._link.consume(declared.request_queue.name, self._on_message)
+            await self._link.consume(self._topology.request_queue, self._on_message)
             started = True
         finally:
             if not started:
@@ -126,8 +129,10 @@ class AmqpWorker:
 
     @property
     def ready(self) -> bool:
-        """Connected, channel open and consuming requests."""
-        return self._link.consuming and self._link.up
+        """Connected, channel open, consuming requests and the topology whole (not being
+        declared again after a queue or exchange was deleted)."""
+        link = self._link
+        return link.consuming and link.up and link.topology_whole
 
     @property
     def in_flight(self) -> int:
@@ -145,7 +150,8 @@ class AmqpWorker:
             except Exception:
                 log.exception("failed to handle a request message")
                 # The safety net for a bug: the message is rejected, not left in limbo.
-                await _channel(message).basic_reject(_tag(message), requeue=False)
+                if writable(_channel(message)):  # else the broker requeues it by itself
+                    await _channel(message).basic_reject(_tag(message), requeue=False)
                 return
             await self._settle(message, requeue=requeue)
         except _AMQP_ERRORS as exc:
@@ -200,6 +206,8 @@ class AmqpWorker:
             # aiormq's publish under aio-pika's robust channel, as the gateway publishes: the
             # same frames and confirm, without building an aio_pika.Message for every reply.
             underlay = await self._link.publisher()
+            if not writable(underlay):  # the broker has just closed it: see `writable`
+                raise aiormq.exceptions.ChannelInvalidStateError("the channel is closing")
             # The acks waiting go out with this reply: one send to the broker for all of them.
             await self._send_acks(self._acks.take())
             await underlay.basic_publish(
@@ -218,19 +226,22 @@ class AmqpWorker:
             )
 
     async def _dead_letter(self, message: DeliveredMessage, reason: str) -> None:
-        exchange = self._dead_letters
-        assert exchange is not None
         self._metrics.dead_lettered.inc()
         try:
-            await exchange.publish(
-                aio_pika.Message(
-                    message.body,
+            underlay = await self._link.publisher()
+            if not writable(underlay):  # the broker has just closed it: see `writable`
+                raise aiormq.exceptions.ChannelInvalidStateError("the channel is closing")
+            # Confirmed (wait=True, aiormq's default): dead letters are rare, and kept.
+            await underlay.basic_publish(
+                message.body,
+                exchange=self._topology.dead_letter_exchange,
+                routing_key=self._topology.routing_key,
+                properties=Basic.Properties(
                     headers={DEAD_REASON_HEADER: reason[:200]},
                     content_type=message.header.properties.content_type,
                     correlation_id=message.header.properties.correlation_id,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    delivery_mode=PERSISTENT,
                 ),
-                routing_key=self._topology.routing_key,
                 mandatory=False,
             )
         except _AMQP_ERRORS as exc:
@@ -241,8 +252,11 @@ class AmqpWorker:
         if not requeue:
             self._ack_soon(message)
             return
+        channel = _channel(message)
+        if not writable(channel):
+            return  # the broker requeues every unacked message of a closed channel by itself
         try:
-            await _channel(message).basic_nack(_tag(message), requeue=True)
+            await channel.basic_nack(_tag(message), requeue=True)
         except _AMQP_ERRORS as exc:
             # The channel is gone: the broker requeues every unacked message by itself.
             log.info("could not requeue a request message (%r); the broker will redeliver", exc)
@@ -259,7 +273,7 @@ class AmqpWorker:
 
     async def _send_acks(self, acks: list[tuple[aiormq.Channel, int]]) -> None:
         for channel, tag in acks:
-            if channel.is_closed:
+            if not writable(channel):
                 continue  # a tag is only valid on its channel; the broker requeued these
             try:
                 # No drain per ack: the frames of this turn leave together.
