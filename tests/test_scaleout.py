@@ -34,7 +34,8 @@ pytestmark = pytest.mark.integration
 
 CRM_TIMEOUT = 1.0
 SHORT_TIMEOUT = 0.3
-SLACK = 0.25  # how far past its CRM budget a decision may come (DESIGN: never past the budget)
+# How far past its CRM budget a decision may come (docs/design.md §1: never past the budget).
+SLACK = 0.25
 REDIS_DB = 12
 SLOW_ID = "17777"  # the CRM takes SLOW_MS to answer it: lookups of it overlap for sure
 SLOW_MS = 300
