@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -94,8 +95,10 @@ class AmqpLink:
         reconnect_interval: float,
         topology: Topology | None = None,
         retry_max: float = RETRY_MAX,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._url = url
+        self._ssl_context = ssl_context
         self._connection_name = connection_name
         self._reconnect_interval = reconnect_interval
         self._topology = topology
@@ -123,6 +126,9 @@ class AmqpLink:
             client_properties={"connection_name": self._connection_name},
             reconnect_interval=self._reconnect_interval,
             connection_class=CoalescingConnection,
+            # amqps:// URLs only: the broker's certificate is always verified, against this
+            # context's CAs (CALLERID_AMQP_CA_BUNDLE) or the system's.
+            ssl_context=self._ssl_context,
         )
         channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=on_return_raises
@@ -338,3 +344,13 @@ def _refused(exc: BaseException) -> bool:
         | aiormq.exceptions.ChannelAccessRefused
         | aiormq.exceptions.ChannelNotFoundEntity,
     )
+
+
+def amqp_ssl_context(url: str, ca_bundle: str | None) -> ssl.SSLContext | None:
+    """The TLS context for an `amqps://` URL: the system's CAs plus `ca_bundle`, always
+    verified (a URL that asks aiormq not to verify is refused: `no_verify_ssl`)."""
+    if not url.startswith("amqps://"):
+        return None
+    if "no_verify_ssl" in url:
+        raise ValueError("CALLERID_AMQP_URL: no_verify_ssl is refused: TLS is always verified")
+    return ssl.create_default_context(cafile=ca_bundle)

@@ -46,6 +46,11 @@ class CommonSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
         description="Prefix of every RabbitMQ name (isolates stacks sharing a broker).",
     )
+    amqp_ca_bundle: str | None = Field(
+        default=None,
+        description="Extra CA file to verify RabbitMQ's certificate with (amqps:// URLs; "
+        "verification is never off).",
+    )
     redis_url: str | None = None
     http_listen: str = "0.0.0.0:9100"
     log_level: str = "INFO"

@@ -111,13 +111,13 @@ async def test_unparseable_messages_are_dead_lettered_with_a_reason_and_acked(
     amqp_url: str, topology: Topology, admin: AbstractChannel
 ) -> None:
     """Garbage, a body that is JSON but not a request, and a request without reply_to go to
-    the dead-letter queue with a reason header; the originals are acked (not redelivered
-    after the worker closes) and the handler never sees them."""
+    the dead-letter queue with a reason header and without customer ids; the originals are
+    acked (not redelivered after the worker closes) and the handler never sees them."""
     handler = Handler()
     registry = CollectorRegistry()
     worker = AmqpWorker(amqp_url, handler, ResolverMetrics(registry), topology=topology)
     await worker.start()
-    await publish_raw(admin, topology, b"\xff not json", reply_to="nowhere")
+    await publish_raw(admin, topology, b"\xff not json, id 4567890", reply_to="nowhere")
     await publish_raw(admin, topology, json.dumps({"v": 1}).encode(), reply_to="nowhere")
     await publish_raw(admin, topology, request().model_dump_json().encode(), reply_to=None)
 
@@ -125,11 +125,17 @@ async def test_unparseable_messages_are_dead_lettered_with_a_reason_and_acked(
     await worker.stop()
 
     dead = await admin.declare_queue(topology.dead_letter_queue, passive=True)
-    reasons = []
+    reasons, bodies = [], []
     for _ in range(3):
         message = await dead.get(timeout=2)
         await message.ack()
         reasons.append(str(message.headers[DEAD_REASON_HEADER]))
+        bodies.append(message.body)
+    # Kept on disk for someone to read: no customer id and no caller number in any of them.
+    customer = request().customer_id
+    assert all(customer.encode() not in body for body in bodies)
+    assert b"4567890" not in bodies[0]
+    assert json.loads(bodies[2])["customer_id"] == "[redacted]"
     assert reasons[0].startswith("invalid request")
     assert "request_id" in reasons[1]
     assert reasons[2] == "no reply_to"

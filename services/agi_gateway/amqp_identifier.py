@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -65,12 +66,17 @@ class AmqpIdentifier:
         connection_name: str = "callerid-gateway",
         publish_timeout: float = 0.5,
         reconnect_interval: float = 2.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._metrics = metrics
         self._topology = topology
         self._publish_timeout = publish_timeout
         self._link = AmqpLink(
-            url, connection_name, reconnect_interval=reconnect_interval, topology=topology
+            url,
+            connection_name,
+            reconnect_interval=reconnect_interval,
+            topology=topology,
+            ssl_context=ssl_context,
         )
         self._closed = False
         self._pending: dict[str, asyncio.Future[IdentifyReply]] = {}

@@ -36,6 +36,7 @@ from crm_resolver.ports import Cache
 from crm_resolver.settings import ResolverSettings
 from crm_resolver.signing import CheckedSource, CrmCredentials
 from shared import runtime
+from shared.amqp_link import amqp_ssl_context
 from shared.http_endpoints import bound_port, start_http
 from shared.memory_bus import MemoryBus
 from shared.node_sources import NodeSource, NodeStore, source_from_setting
@@ -189,6 +190,7 @@ class Gateway:
                 self.metrics,
                 topology=Topology(prefix=settings.amqp_prefix),
                 publish_timeout=settings.publish_timeout,
+                ssl_context=amqp_ssl_context(settings.amqp_url, settings.amqp_ca_bundle),
             )
             await self._amqp.start()
             self._stack.push_async_callback(self._amqp.close)

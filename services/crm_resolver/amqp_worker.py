@@ -6,7 +6,8 @@ request (the injected `RequestHandler`, i.e. the resolver).
 
 Per message (delivery is at-least-once; handlers are idempotent):
 
-- Unparseable, invalid, or without `reply_to` → the raw body is published to the dead-letter
+- Unparseable, invalid, or without `reply_to` → the body, without customer ids or caller
+  numbers (`redacted`), is published to the dead-letter
   exchange with the reason in `DEAD_REASON_HEADER`, the original is acked, `dead_lettered`
   counted. Nothing is requeued: a poison message must not loop.
 - Deadline already passed → acked and dropped without starting the handler; `expired` counted
@@ -39,7 +40,10 @@ Anything still unacked when the channel closes goes back to the queue for anothe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+import ssl
 import time
 from collections.abc import Callable
 from typing import cast
@@ -80,6 +84,7 @@ class AmqpWorker:
         clock: Callable[[], float] = time.time,
         node_label: Callable[[str], str] = lambda node_id: node_id,
         reconnect_interval: float = 2.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._handler = handler
         self._metrics = metrics
@@ -88,7 +93,11 @@ class AmqpWorker:
         self._clock = clock
         self._node_label = node_label
         self._link = AmqpLink(
-            url, connection_name, reconnect_interval=reconnect_interval, topology=topology
+            url,
+            connection_name,
+            reconnect_interval=reconnect_interval,
+            topology=topology,
+            ssl_context=ssl_context,
         )
         self._in_flight = 0
         self._acks: Batch[tuple[aiormq.Channel, int]] = Batch(
@@ -233,7 +242,7 @@ class AmqpWorker:
                 raise aiormq.exceptions.ChannelInvalidStateError("the channel is closing")
             # Confirmed (wait=True, aiormq's default): dead letters are rare, and kept.
             await underlay.basic_publish(
-                message.body,
+                redacted(message.body),
                 exchange=self._topology.dead_letter_exchange,
                 routing_key=self._topology.routing_key,
                 properties=Basic.Properties(
@@ -292,3 +301,24 @@ def _tag(message: DeliveredMessage) -> int:
     tag = message.delivery_tag
     assert tag is not None  # a delivery to a consumer with acks: always tagged
     return tag
+
+
+# A dead letter is kept on disk for someone to look at: it must not keep customer data.
+_PERSONAL_FIELDS = ("customer_id", "caller_number")
+_DIGIT_RUN = re.compile(rb"[0-9]{3,}")
+
+
+def redacted(body: bytes) -> bytes:
+    """The body of a dead letter without customer ids or caller numbers: a JSON object's
+    `customer_id` and `caller_number` are replaced; in anything else (it could not be parsed,
+    so nobody knows where an id is) every run of three or more digits is masked."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    if isinstance(document, dict):
+        for name in _PERSONAL_FIELDS:
+            if name in document:
+                document[name] = "[redacted]"
+        return json.dumps(document, separators=(",", ":")).encode()
+    return _DIGIT_RUN.sub(lambda match: b"#" * len(match[0]), body)

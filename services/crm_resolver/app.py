@@ -29,6 +29,7 @@ from crm_resolver.resolver import Resolver
 from crm_resolver.settings import ResolverSettings
 from crm_resolver.signing import CheckedSource, CrmCredentials
 from shared import runtime
+from shared.amqp_link import amqp_ssl_context
 from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
 from shared.node_sources import NodeStore, source_from_setting
@@ -204,6 +205,7 @@ async def serve(settings: ResolverSettings) -> int:
             topology=Topology(prefix=settings.amqp_prefix),
             prefetch=settings.prefetch,
             node_label=node_labeler(store),
+            ssl_context=amqp_ssl_context(settings.amqp_url, settings.amqp_ca_bundle),
         )
         await worker.start()
         host, port = parse_listen(settings.http_listen)
