@@ -393,6 +393,9 @@ class Runner:
             host,
             "--port",
             str(port),
+            # Every call checked against what the bench's nodes make of its CRM table.
+            "--expect",
+            "bench",
             *(str(a) for a in args),
         ]
 

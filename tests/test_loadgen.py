@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +22,10 @@ from tools.loadgen import (
     check,
     drive,
     latency_summary,
+    load_expectations,
+    main,
     parse_mix,
+    record,
     run_fast,
 )
 from tools.stats import percentile
@@ -265,3 +271,158 @@ async def test_refused_connections_are_failures_not_crashes() -> None:
         LoadPlan(duration=0, concurrency=2, calls=4), Mix({"crm_true": 1}).next, call
     )
     assert report.to_json()["failures"] == {"total": 4, "connection": 4}
+
+
+def test_default_checks_hold_for_any_nodes_and_crm() -> None:
+    """Without expectations a call passes with any real decision, whatever its route, and
+    fails with an outcome that does not exist or a destination that is not two integers."""
+    call = Mix(parse_mix("crm_true=1")).next()
+    for outcome, dest in [("not_identified", "1,4"), ("crm_error", "5,1"), ("no_input", "3,1")]:
+        assert check(call, _result(_decided(outcome, dest)), verify=False) is None
+    for outcome in ("hangup", "config_error"):  # the two that may leave without a route
+        assert check(call, _result(_decided(outcome, ",")), verify=False) is None
+    for outcome, dest in [("identified", ","), ("bogus", "1,3"), ("identified", "1,x")]:
+        failure = check(call, _result(_decided(outcome, dest)), verify=False)
+        assert (failure or "").startswith("bad_decision"), (outcome, dest)
+    assert (check(call, _result({}), verify=False) or "").startswith("no_decision")
+
+
+def _table(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "expect.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_expect_table_gives_the_first_matching_rule_for_calls_that_type_an_id(
+    tmp_path: Path,
+) -> None:
+    """--expect FILE: by node, the first regex that finds the typed id says the outcome and
+    route; calls that type no id, and ids no rule finds, get only the default checks."""
+    table = load_expectations(
+        _table(
+            tmp_path,
+            """
+"1": {"^12": "crm_timeout 1,9", "^1": "identified 1,3", "^3": not_identified}
+"3": {"": "identified 1,3"}
+""",
+        )
+    )
+    # Ids are 1 and a counter from the offset: those past 2,000,000 start with 12.
+    weights = parse_mix("crm_true=1,no_input=1,hangup_prompt=1,hangup_lookup=1")
+    mix = Mix(weights, seed=5, id_offset=1_999_900)
+    calls = [mix.next() for _ in range(400)]
+    assert {(c.customer or "")[:2] for c in calls if c.customer} == {"11", "12"}
+    for call in calls:
+        expect = table.expectation(call)
+        if call.kind in ("no_input", "hangup_prompt"):
+            assert call.customer is None
+            assert expect is None
+            continue
+        assert call.customer is not None
+        assert call.customer == call.script.entries[-1]
+        assert expect is not None
+        if call.script.node == "3":
+            assert "identified" in expect.outcomes
+        elif call.customer.startswith("12"):
+            assert "crm_timeout" in expect.outcomes
+        else:
+            assert "identified" in expect.outcomes
+        if call.kind == "hangup_lookup":  # the caller's hang-up may come first
+            assert "hangup" in expect.outcomes
+            assert len(expect.outcomes) == 2
+            assert expect.destination is None
+    crm = next(c for c in calls if c.kind == "crm_true" and c.script.node == "1")
+    assert crm.customer is not None
+    assert table.expectation(dataclasses.replace(crm, customer="99999999")) is None  # no rule
+    routed = "1,9" if crm.customer.startswith("12") else "1,3"
+    outcome = "crm_timeout" if routed == "1,9" else "identified"
+    good = record(crm, _result(_decided(outcome, routed)), 0.0, 1.0, verify=table)
+    assert good.failure is None
+    assert good.expected
+    bad = record(crm, _result(_decided(outcome, "1,4")), 0.0, 1.0, verify=table)
+    assert (bad.failure or "").startswith("wrong_decision")
+    unsure = next(c for c in calls if c.kind == "no_input")
+    unchecked = record(unsure, _result(_decided("not_identified", "1,4")), 0.0, 1.0, verify=table)
+    assert unchecked.failure is None
+    assert not unchecked.expected
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("- just a list\n", "expected node id"),
+        ('"1": {"^1": "identified_maybe 1,3"}\n', "not one of"),
+        ('"1": {"^1": "identified 1"}\n', "not type,id"),
+        ('"1": {"(": "identified"}\n', "bad regex"),
+        ('"1": []\n', "node 1"),
+        ("{1: [\n", "expect.yaml"),
+    ],
+)
+def test_bad_expect_files_are_refused_with_the_reason(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    """A table that cannot be what the author meant is a usage error, not a silent check."""
+    with pytest.raises(ValueError, match=error):
+        load_expectations(_table(tmp_path, text))
+
+
+def test_every_run_gives_its_calls_calling_numbers_of_their_own() -> None:
+    """Calls of a run never share a calling number, and runs from other bases do not meet."""
+    a = Mix(parse_mix("miss"), caller_base=0)
+    b = Mix(parse_mix("miss"), caller_base=5_000)
+    numbers_a = [a.next().script.caller_number for _ in range(1000)]
+    numbers_b = {b.next().script.caller_number for _ in range(1000)}
+    assert numbers_a[0] == "5500000001"  # as before: the default base is 0
+    assert len(set(numbers_a)) == 1000
+    assert not set(numbers_a) & numbers_b
+
+
+async def _command_line(tmp_path: Path, port: int, *args: str) -> tuple[int, dict[str, object]]:
+    """`callerid-loadgen` (its own event loop, in a thread) against `port`; status and JSON."""
+    out = tmp_path / "out.json"
+    argv = ["--port", str(port), "--concurrency", "2", "--duration", "0", "--calls", "6"]
+    status = await asyncio.to_thread(
+        main, [*argv, "--mix", "crm_true=1", "--output", str(out), *args]
+    )
+    result: dict[str, object] = json.loads(out.read_text())
+    return status, result
+
+
+async def test_command_line_checks_valid_decisions_by_default_and_expectations_on_request(
+    tmp_path: Path,
+) -> None:
+    """Against a gateway whose nodes are not bench/'s (it routes customers to 1,4): the
+    defaults pass every call (exit 0), `--expect bench` finds every route wrong (exit 1), and
+    a table that says 1,4 passes with every call checked against it."""
+
+    async def other_nodes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _tiny_gateway(reader, writer, route="1,4")
+
+    server = await asyncio.start_server(other_nodes, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    table = _table(tmp_path, '"1": {"^1": "identified 1,4"}\n"3": {"^1": "identified 1,4"}\n')
+    async with server:
+        default = await _command_line(tmp_path, port)
+        bench = await _command_line(tmp_path, port, "--expect", "bench")
+        expected = await _command_line(tmp_path, port, "--expect", str(table))
+    assert default[0] == 0
+    assert default[1]["failures"] == {"total": 0}
+    assert default[1]["outcomes"] == {"identified": 6}
+    assert default[1]["checked_against_expected"] == 0
+    assert default[1]["checks"] == "valid decision"
+    assert bench[0] == 1
+    assert bench[1]["failures"] == {"total": 6, "wrong_decision": 6}
+    assert expected[0] == 0
+    assert expected[1]["failures"] == {"total": 0}
+    assert expected[1]["checked_against_expected"] == 6
+
+
+def test_command_line_refuses_a_bad_expect_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --expect file stops the run before any call, with the reason."""
+    bad = _table(tmp_path, '"1": {"^1": "maybe"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["--calls", "1", "--duration", "0", "--expect", str(bad)])
+    assert exit_.value.code == 2
+    assert "'maybe' is not one of" in capsys.readouterr().err

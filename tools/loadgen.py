@@ -10,11 +10,19 @@ The Asterisk side is `tools.asterisk_sim` (environment in several writes, res_ag
 scripted DTMF, hang-ups); nothing here speaks AGI itself. What belongs here: which calls to
 place (`Mix`), when to place them (`drive`), and what the results say (`Report`).
 
-Checking decisions: the mix knows what each call should end with, assuming the gateway serves
-`LOADGEN_NODES` and the CRM answers by `LOADGEN_CRM_TABLE` (the mock CRM's rule table: ids
-starting with 1 are customers, with 2 get destination 1,7, anything else is not a customer).
-`bench/` starts exactly that. Against a real deployment, pass `--no-verify`: every decided
-call then counts as good.
+Checking decisions (`check`): every call must end with the gateway closing the session, no
+protocol error, and a decision that could be real: OML_IDENT_OUTCOME one of the outcomes, and
+OML_DEST_TYPE / OML_DEST_ID two integers (both empty only for hangup and config_error). That
+holds for any nodes and any CRM, and is all the command line checks by default. What each
+call should end with depends on them, and comes from one of:
+
+- the mix itself (`verify=True`, `--expect bench`): it assumes the gateway serves
+  `LOADGEN_NODES` and the CRM answers by `LOADGEN_CRM_TABLE` (the mock CRM's rule table: ids
+  starting with 1 are customers, with 2 get destination 1,7, anything else is not a
+  customer). `bench/` starts exactly that;
+- a table (`--expect FILE`, `load_expectations`): by node, the first regex that finds the
+  customer id a call types gives its outcome and destination. Calls that type no id (nothing,
+  a short entry, a hang-up at the prompt) and ids no regex finds get the checks above only.
 
 Customer ids are `--id-length` digits: a kind digit, then a counter that starts at
 `--id-offset`, so a run's cache-miss ids are distinct (give concurrent or successive runs
@@ -31,13 +39,17 @@ import itertools
 import json
 import math
 import random
+import re
 import resource
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tools.asterisk_sim import OUTCOME_VARIABLE, CallResult, CallScript, run_call
 from tools.stats import percentile
@@ -110,7 +122,8 @@ class Expectation:
 class PlannedCall:
     kind: str
     script: CallScript
-    expect: Expectation
+    expect: Expectation  # what it ends with against LOADGEN_NODES and LOADGEN_CRM_TABLE
+    customer: str | None = None  # the customer id it types (last), if it types a valid one
 
 
 @functools.cache
@@ -184,6 +197,7 @@ class Mix:
         id_length: int = ID_LENGTH,
         hit_pool: int = HIT_POOL,
         hangup_delay: float = 0.0005,
+        caller_base: int = 0,
     ) -> None:
         if not 4 <= id_length <= 30:
             raise ValueError("id_length must be 4..30")
@@ -197,6 +211,9 @@ class Mix:
         self._hangup_delay = hangup_delay
         self._recent: deque[tuple[str, str, Expectation]] = deque(maxlen=1000)
         self._serial = 0
+        # Calling numbers are 55 + 8 digits from here: one per call (the gateway limits CRM
+        # lookups per calling number); runs against one gateway should start apart.
+        self._caller_base = caller_base
 
     def _new_id(self, prefix: str) -> str:
         self._counter += 1
@@ -229,8 +246,10 @@ class Mix:
         kind = self._random.choices(self._kinds, cum_weights=self._cum_weights)[0]
         self._serial += 1
         uniqueid = f"{int(time.time())}.{self._serial}"
-        script = CallScript(uniqueid=uniqueid, caller_number=f"55{self._serial % 10**8:08d}")
+        number = (self._caller_base + self._serial) % 10**8
+        script = CallScript(uniqueid=uniqueid, caller_number=f"55{number:08d}")
         short = "1" * (self._id_length - 2)
+        customer: str | None = None
         if kind in ("crm_true", "crm_false", "crm_destination"):
             script.node, customer, expect = self._crm_call(kind)
             script.entries = [customer]
@@ -243,7 +262,8 @@ class Mix:
             script.entries = [customer]
         elif kind == "local":
             script.node = NODE_LOCAL
-            script.entries = ["4" * self._random.randint(3, 10)]
+            customer = "4" * self._random.randint(3, 10)
+            script.entries = [customer]
             expect = _expect("identified", "1,5")
         elif kind == "no_input":
             script.node = NODE_TRUE_FALSE
@@ -272,7 +292,9 @@ class Mix:
             )
         else:  # pragma: no cover - KINDS and this chain are kept together
             raise AssertionError(kind)
-        return PlannedCall(kind, script, expect)
+        if kind not in ("local", "no_input", "wrong_length", "hangup_prompt"):
+            customer = script.entries[-1]
+        return PlannedCall(kind, script, expect, customer)
 
 
 @dataclass(slots=True)
@@ -287,30 +309,126 @@ class CallRecord:
     latency: float | None  # seconds from the last digit to the decision, when timed
     failure: str | None  # None when the call ended as expected
     identification: bool
+    expected: bool = False  # its decision was checked against an expected one
 
 
-def check(call: PlannedCall, result: CallResult | BaseException, *, verify: bool) -> str | None:
-    """Why this call failed, or None: the gateway must close with an expected decision."""
+# OML_IDENT_OUTCOME's values (shared.outcomes.Outcome; the tools do not import the services).
+OUTCOMES = frozenset(
+    {
+        "identified",
+        "not_identified",
+        "crm_destination",
+        "no_input",
+        "invalid_input",
+        "crm_timeout",
+        "crm_error",
+        "crm_bad_response",
+        "hangup",
+        "config_error",
+    }
+)
+UNROUTED_OUTCOMES = frozenset({"hangup", "config_error"})  # may leave without a destination
+_DESTINATION = re.compile(r"\d{1,3},\d{1,10}")  # Destination: type 0..999, id an int32
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectTable:
+    """`--expect FILE`: by node id, (regex, expectation) pairs; the first whose regex finds
+    (re.search) the customer id a call types says what that call must end with."""
+
+    nodes: Mapping[str, tuple[tuple[re.Pattern[str], Expectation], ...]]
+
+    def expectation(self, call: PlannedCall) -> Expectation | None:
+        """What `call` must end with, or None when the table does not say."""
+        if call.customer is None:
+            return None
+        for pattern, expect in self.nodes.get(call.script.node, ()):
+            if pattern.search(call.customer):
+                if call.script.hangup == "lookup":  # the hang-up may beat the decision
+                    return Expectation(expect.outcomes | {"hangup"}, None)
+                return expect
+        return None
+
+
+# What a call's decision is checked against: True, the mix's own expectations (`bench/`'s
+# nodes and CRM); False, nothing (only a decision that could be real); or a table.
+Verify = bool | ExpectTable
+
+
+def load_expectations(path: str | Path) -> ExpectTable:
+    """Read an --expect file (YAML or JSON); ValueError saying what is wrong with it.
+
+    The form: node id -> {customer id regex: "outcome" or "outcome type,id"}, in order:
+
+        "1": {"^1": "identified 1,3", "": "not_identified 1,4"}
+    """
+    where = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{where}: expected node id -> {{customer id regex: outcome}}")
+    nodes: dict[str, tuple[tuple[re.Pattern[str], Expectation], ...]] = {}
+    for node, rules in data.items():
+        if not isinstance(rules, dict) or not rules:
+            raise ValueError(f"{where}: node {node}: expected {{customer id regex: outcome}}")
+        parsed = []
+        for regex, text in rules.items():
+            where_rule = f"{where}: node {node}, {str(regex)!r}"
+            try:
+                pattern = re.compile("" if regex is None else str(regex))
+            except re.error as exc:
+                raise ValueError(f"{where_rule}: bad regex: {exc}") from None
+            outcome, _, destination = str(text).strip().partition(" ")
+            destination = destination.strip().replace(" ", "")
+            if outcome not in OUTCOMES:
+                raise ValueError(f"{where_rule}: {outcome!r} is not one of {sorted(OUTCOMES)}")
+            if destination and not _DESTINATION.fullmatch(destination):
+                raise ValueError(f"{where_rule}: destination {destination!r} is not type,id")
+            parsed.append((pattern, _expect(outcome, destination or None)))
+        nodes[str(node)] = tuple(parsed)
+    return ExpectTable(nodes)
+
+
+def _expected(call: PlannedCall, verify: Verify) -> Expectation | None:
+    if verify is True:
+        return call.expect
+    if verify is False:
+        return None
+    return verify.expectation(call)
+
+
+def check(call: PlannedCall, result: CallResult | BaseException, *, verify: Verify) -> str | None:
+    """Why this call failed, or None: the gateway must close with a decision that could be
+    real, and (per `verify`) the one expected."""
+    return _check(call, result, _expected(call, verify))
+
+
+def _check(
+    call: PlannedCall, result: CallResult | BaseException, expect: Expectation | None
+) -> str | None:
     if isinstance(result, BaseException):
         return f"connection: {type(result).__name__}: {result}"[:200]
     if result.protocol_errors:
         return f"protocol: {result.protocol_errors[0]}"[:200]
     if not result.closed_by_gateway:
         return "not_closed: the gateway never ended the session"
-    outcome = result.variables.get(OUTCOME_VARIABLE)
+    variables = result.variables
+    outcome = variables.get(OUTCOME_VARIABLE)
     if outcome is None:
         return "no_decision: OML_IDENT_OUTCOME never set"
-    if not verify:
+    dest = f"{variables.get('OML_DEST_TYPE', '')},{variables.get('OML_DEST_ID', '')}"
+    if outcome not in OUTCOMES:
+        return f"bad_decision: {call.kind} ended {outcome[:40]!r}, not an outcome"[:200]
+    if not (_DESTINATION.fullmatch(dest) or (dest == "," and outcome in UNROUTED_OUTCOMES)):
+        return f"bad_decision: {call.kind} ended {outcome} routed to {dest[:40]!r}"[:200]
+    if expect is None:
         return None
-    expect = call.expect
     if outcome not in expect.outcomes:
         return f"wrong_decision: {call.kind} ended {outcome}, expected {sorted(expect.outcomes)}"
-    if expect.destination is not None and outcome != "hangup":
-        dest = (
-            f"{result.variables.get('OML_DEST_TYPE', '')},{result.variables.get('OML_DEST_ID', '')}"
-        )
-        if dest != expect.destination:
-            return f"wrong_decision: {call.kind} routed to {dest}, expected {expect.destination}"
+    if expect.destination is not None and outcome != "hangup" and dest != expect.destination:
+        return f"wrong_decision: {call.kind} routed to {dest}, expected {expect.destination}"
     return None
 
 
@@ -320,9 +438,10 @@ def record(
     started: float,
     finished: float,
     *,
-    verify: bool = True,
+    verify: Verify = True,
 ) -> CallRecord:
-    failure = check(call, result, verify=verify)
+    expect = _expected(call, verify)
+    failure = _check(call, result, expect)
     outcome = source = None
     latency = None
     if isinstance(result, CallResult):
@@ -337,14 +456,22 @@ def record(
             latency = result.decided_at - result.last_digit_at
     identification = failure is None and call.expect.identification and outcome != "hangup"
     return CallRecord(
-        call.kind, started, finished, outcome, source, latency, failure, identification
+        call.kind,
+        started,
+        finished,
+        outcome,
+        source,
+        latency,
+        failure,
+        identification,
+        expect is not None,
     )
 
 
 CallFn = Callable[[PlannedCall], Awaitable[CallRecord]]
 
 
-def agi_caller(host: str, port: int, *, timeout: float, verify: bool = True) -> CallFn:
+def agi_caller(host: str, port: int, *, timeout: float, verify: Verify = True) -> CallFn:
     """Place each planned call as a simulated Asterisk channel."""
 
     async def call(planned: PlannedCall) -> CallRecord:
@@ -414,6 +541,7 @@ class Report:
             "kinds": dict(sorted(Counter(r.kind for r in counted).items())),
             "failures": {"total": len(failures) + self.overload, **dict(sorted(kinds.items()))},
             "failure_examples": sorted({r.failure for r in failures if r.failure})[:5],
+            "checked_against_expected": sum(r.expected for r in self.records),
             "max_in_flight": self.max_in_flight,
         }
         if plan is not None:
@@ -503,10 +631,39 @@ def raise_fd_limit(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+CHECKS_EPILOG = """\
+checks: every call must end with the gateway closing the session, no AGI protocol error (as
+real Asterisk would see it), OML_IDENT_OUTCOME set to one of the outcomes, and OML_DEST_TYPE /
+OML_DEST_ID two integers (empty only for hangup and config_error). That is all that holds for
+any nodes and CRM, and all that is checked by default: the JSON's "outcomes" shows the mix of
+decisions, "failures" what failed the checks. The exit status is 1 if any call failed.
+
+--expect FILE also checks each call that types a customer id against a table (YAML or JSON):
+by node id, customer id regexes (re.search; the first that finds the id wins) and the outcome
+each must get, optionally with its destination "type,id". The mix's calls use nodes 1 (CRM
+true/false), 2 (no CRM) and 3 (CRM destination), and ids of --id-length digits (default 8;
+a node reads no more than its own length): a first digit 1 for known customers, 2 for a
+CRM destination, 3-9 for unknown ids, and 4s only on node 2. For `make run` (examples/
+nodes.yaml, examples/mock_crm_table.yaml) with --id-length 5, this file fits the mix's ids:
+  "1": {"^1": "identified 1,3", "": "not_identified 1,4"}
+  "2": {"": "identified 1,5"}
+  "3": {"^1": "identified 1,3", "^2": "crm_destination 1,5", "": "not_identified 1,4"}
+(list a CRM table's exact ids first, e.g. "^22222$": "crm_destination 1,7"; runs of fewer
+than 2,000 calls from --id-offset 0 do not type 22222-88888). Calls that type no id (nothing,
+a short entry, a hang-up at the prompt) and ids no regex finds get the checks above only;
+the JSON's "checked_against_expected" counts the calls that were checked against the file.
+
+--expect bench checks every call against what the mix expects of bench/'s nodes and CRM
+(tools.loadgen's LOADGEN_NODES and LOADGEN_CRM_TABLE), as `make bench` starts them.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callerid-loadgen",
         description="Drive simulated Asterisk calls against a FastAGI gateway; JSON results.",
+        epilog=CHECKS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="gateway FastAGI host")
     parser.add_argument("--port", type=int, default=4573)
@@ -524,8 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id-offset", type=int, default=0, help="first id counter value")
     parser.add_argument("--id-length", type=int, default=ID_LENGTH)
     parser.add_argument("--timeout", type=float, default=30.0, help="per call, seconds")
-    parser.add_argument(
-        "--no-verify", action="store_true", help="any decision is good (real nodes and CRM)"
+    checks = parser.add_mutually_exclusive_group()
+    checks.add_argument(
+        "--expect",
+        metavar="FILE|bench",
+        help="also check decisions: against a table (FILE), or bench/'s nodes and CRM (see below)",
+    )
+    checks.add_argument(
+        "--no-verify", action="store_true", help="the default: no --expect (kept for old scripts)"
     )
     parser.add_argument("--output", help="write the JSON here (default: stdout)")
     return parser
@@ -541,11 +704,17 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         max_in_flight=args.max_in_flight,
     )
     mix = Mix(
-        parse_mix(args.mix), seed=args.seed, id_offset=args.id_offset, id_length=args.id_length
+        parse_mix(args.mix),
+        seed=args.seed,
+        id_offset=args.id_offset,
+        id_length=args.id_length,
+        caller_base=random.SystemRandom().randrange(10**8),  # not the last run's numbers
     )
-    caller = agi_caller(args.host, args.port, timeout=args.timeout, verify=not args.no_verify)
+    verify: Verify = args.expectations
+    caller = agi_caller(args.host, args.port, timeout=args.timeout, verify=verify)
     report = await drive(plan, mix.next, caller)
-    return report.to_json(plan, mix=args.mix, target=f"{args.host}:{args.port}")
+    checks = "valid decision" + ("" if verify is False else f", as --expect {args.expect}")
+    return report.to_json(plan, mix=args.mix, target=f"{args.host}:{args.port}", checks=checks)
 
 
 def run_fast(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -558,6 +727,15 @@ def run_fast(coro: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(coro)
 
 
+def expectations(expect: str | None) -> Verify:
+    """What --expect asks for: False (none), True ("bench": the mix's own), or a table."""
+    if expect is None:
+        return False
+    if expect == "bench":
+        return True
+    return load_expectations(expect)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -567,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_mix(args.mix)
         if args.duration <= 0 and args.calls is None:
             raise ValueError("give a positive --duration or --calls")
+        args.expectations = expectations(args.expect)
     except ValueError as exc:
         parser.error(str(exc))
     live = args.concurrency or args.max_in_flight
