@@ -150,6 +150,7 @@ async def test_500_calls_three_resolvers_right_decisions_one_crm_call_per_lookup
     ]
     stack.crm_reset()
     hits_before = stack.cache_lookups("hit")
+    errors_before = stack.cache_lookups("error")
     gateway_hits_before = gateway_hits(stack)
     handled_before = per_resolver(stack, "callerid_resolver_requests_total")
 
@@ -169,12 +170,19 @@ async def test_500_calls_three_resolvers_right_decisions_one_crm_call_per_lookup
 
     distinct = set(calls)
     stats = stack.crm_stats()
-    assert stats["calls"] == len(distinct)
-    assert stats["by_id"] == dict(Counter(cid for _, cid in distinct))
-    assert stats["by_path"] == {
-        "/identify": sum(1 for node, _ in distinct if node == "1"),
-        "/route": sum(1 for node, _ in distinct if node == "3"),
-    }
+    # One CRM call per distinct lookup, except where the cache failed (a Redis operation over
+    # CALLERID_CACHE_TIMEOUT on a loaded box): the cache fails open, and a lookup that could
+    # not join another then asks the CRM itself. Every extra call has a counted cache error.
+    cache_errors = stack.cache_lookups("error") - errors_before
+    assert len(distinct) <= stats["calls"] <= len(distinct) + cache_errors
+    assert set(stats["by_id"]) == {cid for _, cid in distinct}
+    if not cache_errors:
+        assert stats["calls"] == len(distinct)
+        assert stats["by_id"] == dict(Counter(cid for _, cid in distinct))
+        assert stats["by_path"] == {
+            "/identify": sum(1 for node, _ in distinct if node == "1"),
+            "/route": sum(1 for node, _ in distinct if node == "3"),
+        }
     hits = stack.cache_lookups("hit") - hits_before
     # Repeat callers are answered by the gateway from the cache, so they reach no resolver.
     answered_by_gateway = gateway_hits(stack) - gateway_hits_before
@@ -193,7 +201,8 @@ async def test_500_calls_three_resolvers_right_decisions_one_crm_call_per_lookup
     sources = Counter(r.variables["OML_IDENT_SOURCE"] for r in results)
     note(
         f"scaleout: calls={len(results)} decided={len(waits)} distinct_pairs={len(distinct)} "
-        f"crm_calls={stats['calls']} cache_hits={hits:.0f} sources={dict(sources)} "
+        f"crm_calls={stats['calls']} cache_hits={hits:.0f} cache_errors={cache_errors:.0f} "
+        f"sources={dict(sources)} "
         f"per_resolver={[int(h) for h in handled]} wall={elapsed:.2f}s "
         f"p50={percentile(waits, 0.5) * 1000:.1f}ms p99={percentile(waits, 0.99) * 1000:.1f}ms "
         f"max={max(waits) * 1000:.1f}ms budget={(CRM_TIMEOUT + SLACK) * 1000:.0f}ms"
