@@ -28,7 +28,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,peers]'
 	touch $(STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP) ## the embedded gateway on 127.0.0.1:4573 (metrics :9100) + mock CRM; Ctrl-C stops both
