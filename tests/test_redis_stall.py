@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,7 +50,7 @@ from tests.stack_load import (
     redis_db,
     until,
 )
-from tools.stack import Proc, Stack, free_port
+from tools.stack import Proc, Stack, redis_server
 from tools.stats import percentile
 
 T = TypeVar("T")
@@ -74,39 +73,9 @@ BREAKER_RESET = 5.0
 
 
 def debuggable_redis(workdir: Path) -> Proc:
-    """A private redis-server like `tools.stack.redis_server`'s, that also accepts DEBUG from
-    loopback (Redis 7 refuses DEBUG unless started with --enable-debug-command)."""
-    port = free_port()
-    proc = Proc(
-        f"redis-{port}",
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(workdir),
-            "--enable-debug-command",
-            "local",
-        ],
-        dict(os.environ),
-        workdir / f"redis-{port}.log",
-    )
-    proc.start()
-    try:
-        proc.wait_listening(port)
-    except BaseException:
-        proc.stop()
-        raise
-    proc.tcp_port = port
-    return proc
+    """A private redis-server that also accepts DEBUG from loopback (Redis 7 refuses DEBUG
+    unless started with --enable-debug-command)."""
+    return redis_server(workdir, extra_args=("--enable-debug-command", "local"))
 
 
 def debug_sleep(port: int, seconds: float) -> None:

@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,11 +66,12 @@ def url_answers(url: str, default_port: int, timeout: float = 1.0) -> bool:
     return port_answers(parts.port or default_port, parts.hostname or "127.0.0.1", timeout)
 
 
-def redis_server(workdir: Path, port: int | None = None) -> Proc:
+def redis_server(workdir: Path, port: int | None = None, extra_args: Sequence[str] = ()) -> Proc:
     """A private, started redis-server (no persistence) on loopback, for tests that stop it.
 
     Never the shared Redis: tests that take Redis away must not take it from anyone else.
-    `port` lets a test start it again where the services expect it.
+    `port` lets a test start it again where the services expect it; `extra_args` go to
+    redis-server as they are (e.g. `--enable-debug-command local` for a test that stalls it).
     """
     port = port if port is not None else free_port()
     proc = Proc(
@@ -89,6 +90,7 @@ def redis_server(workdir: Path, port: int | None = None) -> Proc:
             "no",
             "--dir",
             str(workdir),
+            *extra_args,
         ],
         dict(os.environ),
         workdir / f"redis-{port}.log",
