@@ -59,6 +59,9 @@ class Process:
 _ids = itertools.count(1)
 
 
+FLIGHT_TEST_CACHE_TIMEOUT = 1.0
+
+
 def request(customer_id: str, left: float) -> IdentifyRequest:
     return IdentifyRequest(
         request_id=f"r{next(_ids)}",
@@ -78,8 +81,14 @@ async def processes(
     entered = asyncio.Event()
     made: list[Process] = []
     for _ in range(3):
+        # A generous cache timeout: these tests are about the lock, not about failing open (a
+        # 50 ms bound that a loaded CI box misses would skip the lock; test_redis_stall and
+        # test_redis_cache test the timeout).
         cache = WatchedCache.from_url(
-            redis_base_url, key_prefix=f"{unique_name}:", flight_prefix=f"{unique_name}:flight:"
+            redis_base_url,
+            key_prefix=f"{unique_name}:",
+            flight_prefix=f"{unique_name}:flight:",
+            timeout=FLIGHT_TEST_CACHE_TIMEOUT,
         )
         assert isinstance(cache, WatchedCache)
         cache.waiting = asyncio.Event()

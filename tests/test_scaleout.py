@@ -80,6 +80,10 @@ def stack(
         crm_latency_ms=10,
         crm_latency_jitter_ms=20,
         nodes_template=NODES,
+        # These tests are about merging lookups across resolvers, not about failing open: a
+        # 50 ms cache bound that a loaded CI box misses would skip the flight lock now and
+        # then (test_redis_stall tests the bound itself).
+        extra_env={"CALLERID_CACHE_TIMEOUT": "0.5"},
     ) as running:
         yield running
 
