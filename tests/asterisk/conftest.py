@@ -6,13 +6,16 @@ uses node ids of its own, so tests cannot see each other's calls.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from tests import services
 from tools import pbx
 
 ENABLE_HINT = (
@@ -70,3 +73,23 @@ def private_asterisk(
         asterisk_binary, tmp_path_factory.mktemp("asterisk"), verbose=3
     ) as instance:
         yield instance
+
+
+@contextlib.contextmanager
+def omnileads_redis(db: int) -> Iterator[redis.Redis]:
+    """A client on Redis db `db` with no OMniLeads node hashes in it, before and after: the
+    hashes have OMniLeads' fixed key names, so each test module keeps a db of its own."""
+    base = services.redis_url().rsplit("/", 1)[0]
+    client = redis.Redis.from_url(f"{base}/{db}", decode_responses=True)
+
+    def clear() -> None:
+        keys = list(client.scan_iter(match="OML:CUSTOMERID:*"))
+        if keys:
+            client.delete(*keys)
+
+    clear()
+    try:
+        yield client
+    finally:
+        clear()
+        client.close()

@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from tests import services
+from tests.asterisk.conftest import omnileads_redis
 from tools import pbx
 from tools.pbx import Call, Hangup, Keys, Wait
 from tools.stack import Stack, free_port
@@ -118,16 +119,8 @@ def standins(hashes: dict[str, dict[str, str]]) -> str:
 
 @pytest.fixture(scope="module")
 def oml_redis() -> Iterator[redis.Redis]:
-    base = services.redis_url().rsplit("/", 1)[0]
-    client = redis.Redis.from_url(f"{base}/{REDIS_DB}", decode_responses=True)
-    stale = list(client.scan_iter(match=f"{PREFIX}*"))
-    if stale:
-        client.delete(*stale)
-    yield client
-    left = list(client.scan_iter(match=f"{PREFIX}*"))
-    if left:
-        client.delete(*left)
-    client.close()
+    with omnileads_redis(REDIS_DB) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from tests import services
+from tests.asterisk.conftest import omnileads_redis
 from tools import pbx
 from tools.pbx import Call, Keys, Wait
 from tools.stack import Stack, metric_value
@@ -63,16 +64,8 @@ def omnileads_hashes(crm: str) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def oml_redis() -> Iterator[redis.Redis]:
-    base = services.redis_url().rsplit("/", 1)[0]
-    client = redis.Redis.from_url(f"{base}/{REDIS_DB}", decode_responses=True)
-    stale = list(client.scan_iter(match=f"{PREFIX}*"))
-    if stale:
-        client.delete(*stale)
-    yield client
-    left = list(client.scan_iter(match=f"{PREFIX}*"))
-    if left:
-        client.delete(*left)
-    client.close()
+    with omnileads_redis(REDIS_DB) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
