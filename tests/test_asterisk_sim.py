@@ -43,15 +43,14 @@ from tools.asterisk_sim import (
     CallScript,
     HangupMode,
     SimulatedChannel,
-    _app_separate_args_by_char,
-    _Call,
-    _parse_args_by_char,
     app_separate_args,
     environment_writes,
     main,
     parse_args,
     run_call,
 )
+from tools.asterisk_sim.args import _app_separate_args_by_char, _parse_args_by_char
+from tools.asterisk_sim.wire import _Call
 
 DEAD = "511 Command Not Permitted on a dead channel or intercept routine"
 WAIT = 5.0  # generous bound on any single wait; never reached when things work

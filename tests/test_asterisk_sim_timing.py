@@ -28,11 +28,11 @@ from tools.asterisk_sim import (
     CallScript,
     Keys,
     SimulatedChannel,
-    _Call,
     parse_entry,
     run_call,
     timeout_ms,
 )
+from tools.asterisk_sim.wire import _Call
 
 WAIT = 5.0  # generous bound on any single wait; never reached when things work
 READ_RESULT = b'GET FULL VARIABLE "${CALLERID_ENTRY},${READSTATUS}"'

@@ -1,4 +1,4 @@
-"""Differential test: the simulator (tools/asterisk_sim.py) against the real Asterisk 22.
+"""Differential test: the simulator (tools/asterisk_sim/) against the real Asterisk 22.
 
 The same scripted command sequences are sent by a tiny FastAGI server of this test to (a) the
 real, private Asterisk (tools/pbx.py), whose caller keys real DTMF, pauses and hangs up, and

@@ -2,7 +2,7 @@
 
 The FastAGI side is a tiny scripted server written here, not the gateway: per node id, a list
 of commands sent one at a time, each reply read before the next (res_agi reads one command per
-poll() wake-up; see tools/asterisk_sim.py's docstring). Each test uses node ids of its own, so
+poll() wake-up; see tools/asterisk_sim/'s docstring). Each test uses node ids of its own, so
 its calls and AGI sessions never mix with another test's on the shared instance.
 """
 
