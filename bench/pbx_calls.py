@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from bench.run import busy_cpu_seconds, load_average, service_pids
-from bench.run import cpu_seconds as process_cpu
+from bench.measure import busy_cpu_seconds, load_average, service_pids
+from bench.measure import cpu_seconds as process_cpu
 from tools import pbx
 from tools.pbx import Call, CallResult, Keys, PrivateAsterisk, Wait
 from tools.stack import Stack, url_answers

@@ -60,14 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.run import (
-    busy_cpu_seconds,
-    cpu_seconds,
-    load_average,
-    reset_peak_rss,
-    status_kib,
-    wait_for_line,
-)
+from bench.measure import busy_cpu_seconds, cpu_seconds, load_average, reset_peak_rss, status_kib
+from bench.processes import wait_for_line
 from tools.asterisk_sim import OUTCOME_VARIABLE, CallResult, CallScript, run_call
 from tools.loadgen import (
     LOADGEN_CRM_TABLE,
