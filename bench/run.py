@@ -3,7 +3,8 @@
 One command starts what it needs on this machine's RabbitMQ and Redis (`tools.stack.Stack`:
 mock CRM, resolvers, gateway as real processes on loopback; the floor's processes), runs the
 scenarios with `tools.loadgen` as a separate process, stops every process it started by PID
-(also on failure), and writes `bench/results/<timestamp>.json` and `latest.md`.
+(also on failure), and writes `bench/results/<timestamp>.json`, the same as `latest.json`, and
+`latest.md` (bench/report.py: the targets of issue 17 first, each a ratio measured in this run).
 
 Measured per scenario and per process (ours, the load generator, and the shared RabbitMQ and
 Redis servers, which are only read): CPU from /proc/<pid>/stat utime+stime deltas, divided by
@@ -16,11 +17,12 @@ CRM, one decision MSet; one command per round trip), driven by the same simulate
 load generator as the product, so both sides of the floor cost what they cost for the product.
 
 Scenarios: floor throughput, then cache-miss throughput over RabbitMQ; floor one-at-a-time
-latency, then the product's one call at a time (each pair back to back, as the VM drifts); a
-steady 200 calls/s of the realistic mix; cache-hit throughput; 1, 2 and 3 resolvers; misses and
+latency, then the product's one call at a time, the floor at a steady 200 calls/s, then the
+product at 200 calls/s of the realistic mix (each pair back to back, as the VM drifts); cache-hit throughput; 1, 2 and 3 resolvers; misses and
 hits again with the gateway's cache read off (A/B); embedded mode, misses and repeat callers;
 5,000 calls held at once with the CRM answering after 3 s; the process-per-call AGI baseline
-(`bench.ppc`).
+(`bench.ppc`); ours (embedded) beside the panoramisk and pystrix nodes (`bench.peers.run`);
+embedded calls through a real Asterisk (`bench.pbx_calls`), where one is found.
 """
 
 from __future__ import annotations
@@ -106,15 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": load_average(),
         "params": params.__dict__,
         "scenarios": runner.scenarios,
-        "evaluation": evaluate(runner.scenarios, args.smoke),
+        "peers": runner.peers,
+        "pbx": runner.pbx,
+        "evaluation": evaluate(runner.scenarios, args.smoke, runner.peers, runner.pbx),
         "complete": not failed,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{started}{'-smoke' if args.smoke else ''}.json").write_text(
         json.dumps(run, indent=2) + "\n"
     )
+    latest = "latest-smoke" if args.smoke else "latest"
+    (args.results_dir / f"{latest}.json").write_text(json.dumps(run, indent=2) + "\n")
     table = markdown(run)
-    (args.results_dir / ("latest-smoke.md" if args.smoke else "latest.md")).write_text(table)
+    (args.results_dir / f"{latest}.md").write_text(table)
     print(table)
     if not failed:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import ppc
+from bench import pbx_calls, ppc
 from bench.measure import (
     busy_cpu_seconds,
     load_average,
     service_pids,
     top_frames,
 )
+from bench.peers import run as peers
 from bench.processes import ROOT, Fleet, Floor, _exited, stack_fleet
+from tools import pbx
 from tools.loadgen import LOADGEN_CRM_TABLE, LOADGEN_NODES
 from tools.stack import Stack, metric_value
 
@@ -63,6 +65,14 @@ class Params:
     held_crm_after_last_ms: float = 3000.0
     ppc_calls: int = 40
     profile_seconds: float = 20.0
+    # Ours (embedded) beside the Python FastAGI peers, same node, CRM and load (bench.peers).
+    peer_duration: float = 15.0
+    peer_latency_calls: int = 300
+    peer_probe_seconds: float = 3.0
+    # Calls through a real Asterisk, embedded (bench.pbx_calls): the gateway's CPU per call
+    # beside Asterisk's. Skipped with a note where no Asterisk can be found.
+    pbx_burst: int = 100
+    pbx_rounds: int = 2
 
 
 FULL = Params()
@@ -84,6 +94,11 @@ SMOKE = Params(
     held_crm_after_last_ms=300.0,
     ppc_calls=3,
     profile_seconds=0.0,
+    peer_duration=1.0,
+    peer_latency_calls=10,
+    peer_probe_seconds=0.5,
+    pbx_burst=5,
+    pbx_rounds=1,
 )
 
 
@@ -95,6 +110,8 @@ class Runner:
     redis_url: str
     profile: bool
     scenarios: dict[str, Any] = field(default_factory=dict)
+    peers: dict[str, Any] = field(default_factory=dict)
+    pbx: dict[str, Any] = field(default_factory=dict)
     offset: int = 0
 
     def ids(self) -> int:
@@ -288,20 +305,21 @@ class Runner:
                 # After the miss run, as in service: the gateway has learnt that this node's
                 # callers are not in the cache and no longer reads it first.
                 self.one_at_a_time("latency_one_at_a_time", fleet, stack)
+                self.load(
+                    "floor_steady_200",
+                    ffleet,
+                    self.floor_client(
+                        floor,
+                        *("--rate", p.steady_rate, "--duration", p.steady_duration),
+                        *("--id-offset", self.ids()),
+                    ),
+                )
+                self.steady("steady_200", fleet, stack)
             profiler = self.profiler(stack, p.profile_seconds)
             if profiler is not None:
                 # Apart from the measured run: py-spy takes CPU from the 2 cores it samples.
                 seconds = p.profile_seconds + p.warmup + 3
                 self.closed_loop("miss_profiled", fleet, stack, "miss", seconds, during=profiler)
-            self.load(
-                "steady_200",
-                fleet,
-                self.loadgen(
-                    stack,
-                    *("--rate", p.steady_rate, "--duration", p.steady_duration),
-                    *("--mix", "realistic", "--id-offset", self.ids()),
-                ),
-            )
             self.prewarm("hit_prewarm", fleet, stack)
             self.closed_loop("hit_throughput", fleet, stack, "hit", p.hit_duration)
             self.scaling(stack)
@@ -314,6 +332,59 @@ class Runner:
             self.prewarm("embedded_hit_prewarm", fleet, stack)
             self.closed_loop("embedded_hit_throughput", fleet, stack, "hit", p.embedded_duration)
         self.held()
+        self.run_peers()
+        self.run_pbx()
+
+    def steady(self, name: str, fleet: Fleet, stack: Stack) -> None:
+        """An open loop of `steady_rate` calls/s of the realistic mix (the floor's beside it)."""
+        p = self.params
+        argv = self.loadgen(
+            stack,
+            *("--rate", p.steady_rate, "--duration", p.steady_duration),
+            *("--mix", "realistic", "--id-offset", self.ids()),
+        )
+        self.load(name, fleet, argv)
+
+    def run_peers(self) -> None:
+        """Ours (embedded) and the FastAGI peers in turn, each checked before it is timed."""
+        p = self.params
+        params = peers.Params(
+            concurrency=p.concurrency,
+            duration=p.peer_duration,
+            warmup=p.warmup,
+            latency_calls=p.peer_latency_calls,
+            probe_seconds=p.peer_probe_seconds,
+        )
+        # Each timing run prints its own progress line (bench.peers.run.measure).
+        self.peers = peers.run_all(params, list(peers.SERVERS), self.workdir / "peers")
+
+    def run_pbx(self) -> None:
+        """Embedded calls through a real Asterisk: the gateway's CPU per call beside its."""
+        p = self.params
+        binary = pbx.find_asterisk()
+        if binary is None:
+            self.pbx = {"skipped": pbx.asterisk_unavailable_reason()}
+            print(f"pbx: skipped: {self.pbx['skipped']}", flush=True)
+            return
+        params = pbx_calls.Params(
+            warmup=2,
+            sequential=3,
+            burst=p.pbx_burst,
+            rounds=p.pbx_rounds,
+            floor_sequential=0,
+            floor_burst=p.pbx_burst,
+            modes=("embedded",),
+        )
+        workdir = self.workdir / "pbx"
+        with pbx.PrivateAsterisk(binary, workdir / "asterisk", verbose=0) as asterisk:
+            bench = pbx_calls.Bench(asterisk, params)
+            bench.floor()
+            bench.mode("embedded", workdir, self.amqp_url, self.redis_url)
+        self.pbx = {
+            "scenarios": bench.scenarios,
+            "evaluation": pbx_calls.evaluate(bench.scenarios, params),
+        }
+        print(f"pbx: {self.pbx['evaluation']}", flush=True)
 
     def without_gateway_cache(self) -> None:
         """A/B of the gateway's cache read (CALLERID_GATEWAY_CACHE=false): what it costs a

@@ -25,6 +25,7 @@ SCENARIOS = {
     "miss_throughput",
     "latency_one_at_a_time",
     "steady_200",
+    "floor_steady_200",
     "hit_prewarm",
     "hit_throughput",
     "resolvers_1",
@@ -38,7 +39,8 @@ SCENARIOS = {
 SHARED_SERVICES = {"rabbitmq", "redis"}
 
 
-MARKERS = ("agi-gateway", "crm-resolver", "callerid-mock-crm", "bench.floor")
+MARKERS = ("agi-gateway", "crm-resolver", "callerid-mock-crm", "bench.floor", "bench.peers")
+TARGET_KEYS = {"name", "value", "target", "met"}
 
 
 def _ours_and_alive(pid: int) -> bool:
@@ -70,10 +72,23 @@ def test_smoke_run_completes_and_cleans_up(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = list(tmp_path.glob("*-smoke.json"))
+    results = [p for p in tmp_path.glob("*-smoke.json") if p.name != "latest-smoke.json"]
     assert len(results) == 1
     run = json.loads(results[0].read_text())
+    assert run == json.loads((tmp_path / "latest-smoke.json").read_text())
     assert run["complete"]
+    # Issue 17's targets, every one present with its value and bound (a smoke run judges none).
+    found = run["evaluation"]["targets"]
+    assert len(found) == 9
+    assert all(set(entry) == TARGET_KEYS and entry["met"] is None for entry in found)
+    assert all(entry["value"] is not None for entry in found if "Asterisk" not in entry["name"])
+    # The peers ran beside ours, each checked before it was timed.
+    assert set(run["peers"]["throughput"]) == {"ours", "panoramisk", "pystrix"}
+    assert all(not check["failures"] for check in run["peers"]["checks"].values())
+    # Through a real Asterisk where there is one (CI builds it; elsewhere it may be skipped).
+    assert run["pbx"].get("evaluation") or run["pbx"].get("skipped")
+    if os.environ.get("CI") == "true":
+        assert run["pbx"]["evaluation"]["gateway_per_asterisk_cpu"] is not None
     scenarios = run["scenarios"]
     assert set(scenarios) >= SCENARIOS
     server_cpu = []
