@@ -23,13 +23,14 @@ import random
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.waiting import eventually_in_thread
 from tools.asterisk_sim import CallResult, CallScript, run_call
 from tools.stack import DEFAULT_FAILOVER, Proc, Stack, expected_decision, http_get, metric_value
 
@@ -71,15 +72,8 @@ def redis_db(base_url: str, db: int) -> str:
     return urlunsplit(urlsplit(base_url)._replace(path=f"/{db}"))
 
 
-async def until(condition: Callable[[], bool], within: float, what: str) -> float:
-    """Poll a (possibly blocking: it runs in a thread) condition; seconds it took."""
-    started = time.monotonic()
-    deadline = started + within
-    while not await asyncio.to_thread(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:g} s: {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
+# The load tests' name for waiting on a blocking condition (tests/waiting.py).
+until = eventually_in_thread
 
 
 @dataclass

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -22,6 +22,7 @@ from crm_resolver.metrics import ResolverMetrics
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.outcomes import Verdict
 from shared.topology import DEAD_REASON_HEADER, Topology
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +48,6 @@ class Handler:
         if self.gate is not None:
             await self.gate.wait()
         return IdentifyReply(request_id=request.request_id, verdict=Verdict.TRUE)
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Wait for a condition the broker or a worker makes true, failing after `within`."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - the condition is another process's doing
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 import wave
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import eventually
 from tools import pbx
 from tools.pbx import Call, Hangup, Keys, PrivateAsterisk, Wait
 
@@ -122,13 +123,6 @@ async def agi() -> AsyncIterator[ScriptedAgi]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-async def until(condition: Callable[[], bool], within: float) -> None:
-    """Poll a condition that costs a CLI round trip; TimeoutError after `within` seconds."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - Asterisk's doing, seen only through its CLI
-            await asyncio.sleep(0.1)
 
 
 async def run_calls(
@@ -247,7 +241,8 @@ async def test_twenty_calls_at_once_are_each_recorded(
         session = await agi.session(call.node)
         assert session.reply("GET DATA") == f"200 result={i % 10}"
     # Every channel goes away by itself.
-    await until(lambda: private_asterisk.active_channels() == 0, within=10)
+    # A CLI round trip per check: poll gently.
+    await eventually(lambda: private_asterisk.active_channels() == 0, within=10, interval=0.1)
 
 
 # ---------------------------------------------------------------------------------------------
