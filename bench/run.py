@@ -18,11 +18,12 @@ load generator as the product, so both sides of the floor cost what they cost fo
 
 Scenarios: floor throughput, then cache-miss throughput over RabbitMQ; floor one-at-a-time
 latency, then the product's one call at a time, the floor at a steady 200 calls/s, then the
-product at 200 calls/s of the realistic mix (each pair back to back, as the VM drifts); cache-hit throughput; 1, 2 and 3 resolvers; misses and
-hits again with the gateway's cache read off (A/B); embedded mode, misses and repeat callers;
-5,000 calls held at once with the CRM answering after 3 s; the process-per-call AGI baseline
-(`bench.ppc`); ours (embedded) beside the panoramisk and pystrix nodes (`bench.peers.run`);
-embedded calls through a real Asterisk (`bench.pbx_calls`), where one is found.
+product at 200 calls/s of the realistic mix (each pair back to back, as the VM drifts); cache-
+hit throughput; 1, 2 and 3 resolvers; misses and hits again with the gateway's cache read off
+(A/B); embedded mode, misses and repeat callers; 5,000 calls held at once with the CRM answering
+after 3 s; the process-per-call AGI baseline (`bench.ppc`); ours (embedded) beside the
+panoramisk and pystrix nodes (`bench.peers.run`); embedded calls through a real Asterisk
+(`bench.pbx_calls`), where one is found.
 """
 
 from __future__ import annotations
