@@ -196,9 +196,14 @@ def test_compose_nodes_file_is_a_valid_configuration() -> None:
 
 
 def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
-    """python:3.11-slim in two stages, and the runtime stage runs as a numeric non-root user."""
+    """python:3.11-slim in two stages (by default: `make image` may pass an offline stand-in
+    as PYTHON_BASE), and the runtime stage runs as a numeric non-root user."""
     text = (h.ROOT / "Dockerfile").read_text()
-    stages = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.MULTILINE))
+    stages = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        for image in re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    ]
     assert len(stages) >= 2
     assert all(image == "python:3.11-slim" for image in stages)
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
