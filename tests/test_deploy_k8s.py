@@ -1,19 +1,27 @@
 """Kubernetes manifests: the overlays render offline (kustomize), validate strictly against the
 Kubernetes OpenAPI schemas (kubernetes-validate), and keep the operational rules of issue 4.
 
-CRDs (KEDA's ScaledObject and TriggerAuthentication, the Prometheus operator's
-ServiceMonitor) have no schema in kubernetes-validate; they are checked field by field here.
+Custom resources (KEDA's ScaledObject and TriggerAuthentication, the Prometheus operator's
+ServiceMonitor) have no schema in kubernetes-validate: they are validated against the schemas
+the @kubernetes-models npm packages publish, unknown fields included
+(tests/deploy/k8s_crd_validate), and their meaning is checked field by field here.
+The HA overlay (k8s/components/ha) is rendered and validated like the others.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from shared.nodes import build_nodes
 from tests import deploy_helpers as h
+from tests.deploy_helpers import CrdReport
 
 # The oldest Kubernetes these manifests are meant for, and the newest the schemas know.
 KUBERNETES_VERSIONS = ("1.29.0", "latest")
@@ -84,6 +92,91 @@ def test_strict_validation_rejects_an_unknown_field(example: list[dict[str, Any]
     broken["spec"]["sesionAffinity"] = "None"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_custom_resources_validate_against_their_schemas(docs: list[dict[str, Any]]) -> None:
+    """Every custom resource of the render passes its published schema and has no field the
+    schema does not know."""
+    crds = [d for d in docs if d["kind"] in CRD_KINDS]
+    assert {d["kind"] for d in crds} >= {"ServiceMonitor"}
+    reports = h.validate_custom_resources(crds)
+    assert [r.kind for r in reports] == [d["kind"] for d in crds]
+    assert [r for r in reports if r.errors] == []
+
+
+def test_crd_validation_rejects_wrong_types_missing_fields_and_unknown_fields(
+    example: list[dict[str, Any]],
+) -> None:
+    """The CRD check can fail: a string where KEDA wants an integer, a ScaledObject without its
+    required scaleTargetRef, and misspelt fields at three depths are each reported."""
+    (scaled,) = h.find(example, "ScaledObject")
+    (auth,) = h.find(example, "TriggerAuthentication")
+    (monitor,) = h.find(example, "ServiceMonitor")
+    wrong_type = copy.deepcopy(scaled)
+    wrong_type["spec"]["minReplicaCount"] = "two"
+    missing = copy.deepcopy(scaled)
+    del missing["spec"]["scaleTargetRef"]
+    unknown = copy.deepcopy(scaled)
+    unknown["spec"]["triggers"][0]["metdata"] = unknown["spec"]["triggers"][0].pop("metadata")
+    misspelt_auth = copy.deepcopy(auth)
+    misspelt_auth["spec"]["secretTargetRef"][0]["keys"] = "CALLERID_AMQP_URL"
+    misspelt_monitor = copy.deepcopy(monitor)
+    misspelt_monitor["spec"]["endpoints"][0]["scrapeTimout"] = "10s"
+    reports = h.validate_custom_resources(
+        [wrong_type, missing, unknown, misspelt_auth, misspelt_monitor]
+    )
+    assert all(r.errors for r in reports), reports
+    assert any(e.startswith("/spec/minReplicaCount: must be integer") for e in reports[0].errors)
+    assert "/spec: must have required property scaleTargetRef" in reports[1].errors
+    for report, path in zip(
+        reports[2:],
+        (
+            "/spec/triggers/0/metdata",
+            "/spec/secretTargetRef/0/keys",
+            "/spec/endpoints/0/scrapeTimout",
+        ),
+        strict=True,
+    ):
+        assert f"{path}: unknown field (the schema has no such property)" in report.errors
+
+
+def test_crd_validation_lets_maps_hold_any_key(example: list[dict[str, Any]]) -> None:
+    """Maps are not mistaken for unknown fields: any label, annotation or KEDA trigger
+    metadata key passes (the schema declares them as maps of strings)."""
+    (scaled,) = h.find(example, "ScaledObject")
+    keyed = copy.deepcopy(scaled)
+    keyed["metadata"]["labels"]["example.com/any-label"] = "x"
+    keyed["metadata"]["annotations"] = {"example.com/any-annotation": "x"}
+    keyed["spec"]["triggers"][0]["metadata"]["activationValue"] = "1"
+    assert h.validate_custom_resources([keyed]) == [
+        CrdReport("ScaledObject", scaled["metadata"]["name"], ())
+    ]
+
+
+def test_crd_validation_refuses_kinds_it_has_no_schema_for() -> None:
+    """A custom resource of a kind no package describes is an error, not a silent pass."""
+    reports = h.validate_custom_resources(
+        [
+            {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledThing", "metadata": {"name": "a"}},
+            {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "b"}},
+        ]
+    )
+    assert [len(r.errors) for r in reports] == [1, 1]
+    assert "no kind ScaledThing" in reports[0].errors[0]
+    assert "no schema package for apiVersion example.com/v1" in reports[1].errors[0]
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_crd_validation_without_its_packages_fails_under_ci(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ci: str
+) -> None:
+    """With the npm packages missing (an empty cache), CI=true fails the test and a developer
+    machine skips it, with the command that installs them."""
+    monkeypatch.setenv("CALLERID_CACHE", str(tmp_path))
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match=r"tools/ensure_tools\.sh"):
+        h.validate_custom_resources([])
 
 
 def test_crds_are_the_only_objects_without_a_schema(docs: list[dict[str, Any]]) -> None:
@@ -320,3 +413,169 @@ def test_service_monitor_scrapes_both_services_under_the_alert_job_names(
     for service in selected:
         assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
+
+
+# --- the HA component (k8s/components/ha, overlay example-ha) ---------------------------
+
+CONNECTION_URLS = ("CALLERID_AMQP_URL", "CALLERID_REDIS_URL")
+# Ports a URL means when it names none (RabbitMQ, RabbitMQ over TLS, Redis, Redis Sentinel).
+DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}
+SENTINEL_PORT = 26379
+
+
+@pytest.fixture(scope="module")
+def example_ha() -> list[dict[str, Any]]:
+    return h.render_overlay("example-ha")
+
+
+def _hosts(url: str) -> list[str]:
+    """The host[:port] parts of a URL whose authority may list several (redis+sentinel)."""
+    return urlsplit(url).netloc.rpartition("@")[2].split(",")
+
+
+def _ports(value: str) -> set[int]:
+    """The TCP ports a CALLERID_AMQP_URL (one URL or a comma-separated list) or a
+    CALLERID_REDIS_URL connects to. Behind Sentinel the primary is assumed on 6379."""
+    if value.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        hosts = _hosts(value)
+        return {int(p) if p else SENTINEL_PORT for p in (x.partition(":")[2] for x in hosts)} | {
+            DEFAULT_PORTS["redis"]
+        }
+    return {
+        parts.port or DEFAULT_PORTS[parts.scheme]
+        for parts in (urlsplit(url) for url in value.split(","))
+    }
+
+
+def test_ha_overlay_uses_every_broker_a_quorum_queue_and_sentinel(
+    example_ha: list[dict[str, Any]],
+) -> None:
+    """Both services of the HA overlay get the three RabbitMQ nodes of one cluster as a
+    comma-separated CALLERID_AMQP_URL, CALLERID_AMQP_QUEUE_TYPE=quorum, and a
+    redis+sentinel:// CALLERID_REDIS_URL naming three Sentinels and the master set."""
+    for deployment in _deployments(example_ha):
+        env = _env(_container(deployment))
+        assert env["CALLERID_AMQP_QUEUE_TYPE"]["value"] == "quorum"
+        amqp = h.env_value(example_ha, env["CALLERID_AMQP_URL"])
+        assert amqp is not None
+        brokers = [urlsplit(url) for url in amqp.split(",")]
+        assert len(brokers) == 3
+        assert {b.scheme for b in brokers} == {"amqp"}
+        assert len({b.hostname for b in brokers}) == 3
+        # One cluster: the same user, password and vhost on every node.
+        assert len({(b.username, b.password, b.path) for b in brokers}) == 1
+        redis = h.env_value(example_ha, env["CALLERID_REDIS_URL"])
+        assert redis is not None
+        assert urlsplit(redis).scheme == "redis+sentinel"
+        sentinels = _hosts(redis)
+        assert len(set(sentinels)) == 3
+        assert all(s.endswith(f":{SENTINEL_PORT}") for s in sentinels)
+        assert urlsplit(redis).path == "/mymaster/0"
+
+
+def test_ha_component_changes_nothing_but_the_connections(
+    example: list[dict[str, Any]], example_ha: list[dict[str, Any]]
+) -> None:
+    """Apart from the queue type, the Secret's (hashed) name, the Sentinel egress port and
+    KEDA's key, the HA overlay renders what the example does."""
+
+    def normalised(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        (secret,) = h.find(docs, "Secret")
+        text = yaml.safe_dump([d for d in docs if d["kind"] != "Secret"], sort_keys=True).replace(
+            secret["metadata"]["name"], "callerid-connections"
+        )
+        found: list[dict[str, Any]] = yaml.safe_load(text)
+        for doc in found:
+            if doc["kind"] == "Deployment":
+                container = doc["spec"]["template"]["spec"]["containers"][0]
+                container["env"] = [
+                    e for e in container["env"] if e["name"] != "CALLERID_AMQP_QUEUE_TYPE"
+                ]
+            if doc["kind"] == "NetworkPolicy":
+                doc["spec"]["egress"] = [
+                    rule
+                    for rule in doc["spec"].get("egress", [])
+                    if rule != {"ports": [{"port": SENTINEL_PORT, "protocol": "TCP"}]}
+                ]
+                if not doc["spec"]["egress"]:
+                    del doc["spec"]["egress"]
+            if doc["kind"] == "TriggerAuthentication":
+                doc["spec"]["secretTargetRef"][0]["key"] = "CALLERID_AMQP_URL"
+        return found
+
+    assert normalised(example_ha) == normalised(example)
+
+
+def test_connection_urls_come_from_the_secret(docs: list[dict[str, Any]]) -> None:
+    """Broker and cache URLs carry credentials: never a literal value in a Deployment."""
+    for deployment in _deployments(docs):
+        env = _env(_container(deployment))
+        for name in CONNECTION_URLS:
+            assert "value" not in env[name], f"{deployment['metadata']['name']}: {name}"
+            assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
+
+
+def test_keda_reads_one_broker_url(docs: list[dict[str, Any]]) -> None:
+    """KEDA's rabbitmq trigger takes one URL in `host`: never the services' list."""
+    for auth in h.find(docs, "TriggerAuthentication"):
+        (ref,) = auth["spec"]["secretTargetRef"]
+        host = h.secret_value(docs, ref["name"], ref["key"])
+        assert host is not None, f"{ref['key']} is not in the Secret {ref['name']}"
+        assert "," not in host
+        assert urlsplit(host).scheme in {"amqp", "amqps"}
+
+
+def test_network_policies_let_each_service_reach_its_brokers_and_cache(
+    docs: list[dict[str, Any]],
+) -> None:
+    """Every port the connection URLs name (each broker, each Sentinel, the Redis primary)
+    is open for egress in a policy selecting the pods that use it."""
+    policies = h.find(docs, "NetworkPolicy")
+    for deployment in _deployments(docs):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        egress = {
+            port["port"]
+            for p in policies
+            if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+            for rule in p["spec"].get("egress", [])
+            for port in rule.get("ports", [])
+        }
+        env = _env(_container(deployment))
+        for name in CONNECTION_URLS:
+            value = h.env_value(docs, env[name])
+            assert value is not None, name
+            assert _ports(value) <= egress, f"{deployment['metadata']['name']}: {name}"
+
+
+def test_services_accept_the_rendered_environment(
+    docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Deployment's environment (Secret values resolved) builds its service's settings:
+    the broker list, the queue type and the Redis URL are forms the services take."""
+    from agi_gateway.settings import GatewaySettings
+    from crm_resolver.settings import ResolverSettings
+    from shared.amqp_urls import split_amqp_urls
+    from shared.redis_url import SentinelRedis, parse_redis_url
+
+    kinds = {"callerid-gateway": GatewaySettings, "callerid-resolver": ResolverSettings}
+    for deployment in _deployments(docs):
+        env = {
+            e["name"]: value
+            for e in _container(deployment)["env"]
+            if (value := h.env_value(docs, e)) is not None
+        }
+        with monkeypatch.context() as patch:
+            for name in [n for n in os.environ if n.startswith("CALLERID_")]:
+                patch.delenv(name)
+            for name, value in env.items():
+                patch.setenv(name, value)
+            settings = kinds[deployment["metadata"]["name"]]()
+        assert settings.amqp_url == env["CALLERID_AMQP_URL"]
+        assert settings.amqp_queue_type == env.get("CALLERID_AMQP_QUEUE_TYPE", "classic")
+        brokers = split_amqp_urls(env["CALLERID_AMQP_URL"])
+        target = parse_redis_url(env["CALLERID_REDIS_URL"])
+        if settings.amqp_queue_type == "quorum":  # the HA overlay
+            assert len(brokers) == 3
+            assert isinstance(target, SentinelRedis)
+            assert len(target.sentinels) == 3
+            assert (target.service_name, target.db) == ("mymaster", 0)

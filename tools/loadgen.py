@@ -52,6 +52,7 @@ from typing import Any
 import yaml
 
 from tools.asterisk_sim import OUTCOME_VARIABLE, CallResult, CallScript, run_call
+from tools.node_fixture import nodes_template
 from tools.stats import percentile
 
 ID_LENGTH = 8
@@ -59,44 +60,13 @@ TRUE_PREFIX, DESTINATION_PREFIX = "1", "2"
 FALSE_PREFIXES = "3456789"
 HIT_POOL = 200  # distinct ids repeated by the "hit" mix
 
-# Node ids the mix uses; LOADGEN_NODES configures them this way.
+# Node ids the mix uses, as LOADGEN_NODES configures them (ATTEMPTS: node 1's attempts).
 NODE_TRUE_FALSE, NODE_LOCAL, NODE_DESTINATION = "1", "2", "3"
 ATTEMPTS = 3
 
-LOADGEN_NODES = """
-nodes:
-  - id: 1
-    name: bench-true-false
-    interaction: crm_true_false
-    url: {crm}/identify
-    audio: customer-id-prompt
-    expected_length: 8
-    attempts: 3
-    on_identified: {{type: 1, id: 3}}
-    on_not_identified: {{type: 1, id: 4}}
-    on_error: {{type: 1, id: 9}}
-    crm_timeout: {crm_timeout}
-  - id: 2
-    name: bench-local
-    audio: customer-id-prompt
-    min_length: 3
-    max_length: 10
-    attempts: 3
-    on_identified: {{type: 1, id: 5}}
-    on_not_identified: {{type: 1, id: 6}}
-  - id: 3
-    name: bench-destination
-    interaction: crm_destination
-    url: {crm}/route
-    audio: customer-id-prompt
-    expected_length: 8
-    attempts: 3
-    on_identified: {{type: 1, id: 3}}
-    on_not_identified: {{type: 1, id: 4}}
-    on_error: {{type: 5, id: 1}}
-    crm_timeout: {crm_timeout}
-"""
-"""The nodes the mix assumes (a `tools.stack.Stack` nodes_template)."""
+LOADGEN_NODES = nodes_template(id_length=ID_LENGTH)
+"""The nodes the mix assumes (a `tools.stack.Stack` nodes_template): the shared node fixture,
+tools/fixtures/nodes.yaml, with 8-digit ids."""
 
 LOADGEN_CRM_TABLE: dict[str, Any] = {
     "default": {"destination": "false"},

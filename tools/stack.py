@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import aio_pika
 
 from shared.topology import Topology
+from tools.node_fixture import nodes_template
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 30.0
@@ -259,39 +260,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-DEFAULT_NODES = """
-nodes:
-  - id: 1
-    name: gold-customers
-    interaction: crm_true_false
-    url: {crm}/identify
-    audio: customer-id-prompt
-    expected_length: 5
-    attempts: 3
-    on_identified: {{type: 1, id: 3}}
-    on_not_identified: {{type: 1, id: 4}}
-    on_error: {{type: 1, id: 9}}
-    crm_timeout: {crm_timeout}
-  - id: 3
-    name: crm-router
-    interaction: crm_destination
-    url: {crm}/route
-    audio: customer-id-prompt
-    expected_length: 5
-    attempts: 2
-    on_identified: {{type: 1, id: 3}}
-    on_not_identified: {{type: 1, id: 4}}
-    on_error: {{type: 5, id: 1}}
-    crm_timeout: {crm_timeout}
-  - id: 2
-    name: any-entry
-    audio: customer-id-prompt
-    min_length: 3
-    max_length: 10
-    attempts: 2
-    on_identified: {{type: 1, id: 5}}
-    on_not_identified: {{type: 1, id: 6}}
-"""
+# The shared node fixture (tools/fixtures/nodes.yaml) with 5-digit ids: a `nodes_template`.
+DEFAULT_NODES = nodes_template()
 
 # What DEFAULT_NODES make of DEFAULT_TABLE's answers: (outcome, destination type, id) by node
 # and CRM answer, and each node's failover destination (on_error). Tests check calls by these.
