@@ -7,9 +7,19 @@ What belongs here: exchange, queue, routing-key and header names, the queue argu
 The shape, and why:
 
 - Requests go to a durable direct exchange `<prefix>.identify` with routing key `identify`,
-  bound to one durable classic queue `<prefix>.identify.requests` shared by every resolver.
+  bound to one durable queue `<prefix>.identify.requests` shared by every resolver.
   Request messages themselves are transient (delivery mode 1) and carry `expiration` = the time
-  left: a request is worthless after a few seconds, so it is never written to disk.
+  left: a request is worthless after a few seconds, so a classic queue never writes it to disk.
+- The queue type (`queue_type`, CALLERID_AMQP_QUEUE_TYPE) is `classic` (one node holds the
+  queue: the least work per request; the default) or `quorum` (replicated over the cluster's
+  nodes with Raft: it outlives the loss of a minority of them, at the cost of writing every
+  request, transient or not, to each member's log). Both queues take the same type: on a
+  cluster, a classic dead-letter queue on a node that is down could not be declared again from
+  another node (404 "home node ... is down"), and the whole topology would stay unready. What
+  the topology uses works on both (checked on RabbitMQ 3.10.8): per-message `expiration` (quorum
+  queues honour it since 3.10), `x-max-length` with `reject-publish` (a quorum queue enforces
+  it to within a message or so) and `drop-head`. A quorum queue cannot be exclusive nor
+  non-durable, which the topology never asks for; replies use direct reply-to, no queue.
 - The request queue is bounded (`x-max-length`, default 5000) with `x-overflow:
   reject-publish`: when resolvers fall that far behind, the broker nacks new requests and the
   gateway fails them at once (`IdentifyUnavailable`) instead of queueing calls that would only
@@ -26,14 +36,15 @@ record what it declared (it would declare it again on every reopen, one more cop
 Each service also declares it again whenever it finds part of it missing (a queue or exchange
 deleted on a live broker): see `shared.amqp_link`. RabbitMQ refuses to re-declare a queue with
 different arguments (PRECONDITION_FAILED), so every service must use the same `Topology`
-values; changing `max_requests` on a live system means stopping every service, then deleting
-the request queue (a running service would re-declare it with its old arguments at once).
+values; changing `max_requests` or `queue_type` on a live system means stopping every service,
+then deleting both queues (a running service would re-declare them with its old arguments at
+once). The link logs that refusal as one ERROR saying so (`shared.amqp_link`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiormq.abc
 from aio_pika import ExchangeType
@@ -47,6 +58,7 @@ DEAD_REASON_HEADER = "x-callerid-dead-reason"
 
 ROUTING_KEY = "identify"
 JSON = "application/json"
+QueueType = Literal["classic", "quorum"]
 TRANSIENT = 1
 """AMQP delivery mode of requests and replies: never written to disk (they live seconds)."""
 
@@ -58,6 +70,7 @@ class Topology:
     prefix: str = "callerid"
     max_requests: int = 5000
     max_dead_letters: int = 10_000
+    queue_type: QueueType = "classic"
 
     @property
     def request_exchange(self) -> str:
@@ -85,14 +98,14 @@ class Topology:
 
     def request_queue_arguments(self) -> dict[str, Any]:
         return {
-            "x-queue-type": "classic",
+            "x-queue-type": self.queue_type,
             "x-max-length": self.max_requests,
             "x-overflow": "reject-publish",
         }
 
     def dead_letter_queue_arguments(self) -> dict[str, Any]:
         return {
-            "x-queue-type": "classic",
+            "x-queue-type": self.queue_type,
             "x-max-length": self.max_dead_letters,
             "x-overflow": "drop-head",
         }

@@ -11,7 +11,7 @@ the moment is known to the millisecond). What these tests prove:
   heal once (INFO), however many calls came meanwhile; the others log nothing;
 - while the name cannot be declared again (another queue or exchange, with other arguments,
   holds it), the processes that noticed answer /readyz 503 and calls fail over; they keep
-  retrying, logging the refusal once; once the name is free they heal by themselves.
+  retrying, logging the refusal once (ERROR); once the name is free they heal by themselves.
 
 The not-ready window of a plain deletion is the time to declare a few things, tens of ms: too
 short to catch by polling /readyz, so readiness is asserted where the topology is held broken,
@@ -99,7 +99,8 @@ class Logs:
         return self.count(proc, LOST, "WARNING")
 
     def refusals(self, proc: Proc) -> int:
-        return self.count(proc, REFUSED, "WARNING")
+        """PRECONDITION_FAILED, the refusal these tests provoke, is an ERROR: it names the fix."""
+        return self.count(proc, REFUSED, "ERROR")
 
     def heals(self, proc: Proc) -> int:
         return self.count(proc, HEALED, "INFO")
@@ -272,10 +273,10 @@ async def test_while_the_request_queue_cannot_be_declared_again_no_service_is_re
     resolvers paused meanwhile, so they cannot declare it first). The broker cancels the
     resolvers' consumers and refuses their declaration (PRECONDITION_FAILED): both answer
     /readyz 503. The gateway, whose next request comes back unroutable, is refused too and
-    answers 503. Calls fail over meanwhile. Each process logs the loss and the first refusal
-    once (WARNING), however many calls come, and keeps retrying; once the other queue is
-    deleted, every one declares the topology again by itself, is ready, and calls are
-    identified."""
+    answers 503. Calls fail over meanwhile. Each process logs the loss (WARNING) and the
+    first refusal (ERROR, naming the fix) once, however many calls come, and keeps retrying;
+    once the other queue is deleted, every one declares the topology again by itself, is
+    ready, and calls are identified."""
     logs = Logs(stack)
     topology = logs.topology
     resolvers = stack.resolver_procs
@@ -316,7 +317,7 @@ async def test_while_the_request_queue_cannot_be_declared_again_no_service_is_re
     for proc in logs.procs:
         assert logs.losses(proc) == 1, proc.name
         assert logs.refusals(proc) == 1, proc.name
-        assert "PRECONDITION_FAILED" in "".join(logs.lines(proc, "WARNING"))
+        assert "PRECONDITION_FAILED" in "".join(logs.lines(proc, "ERROR"))
         assert len(logs.warnings(proc)) == 2, logs.warnings(proc)
     note(
         f"heal, request queue held by another: every process ready {healed_in:.2f} s after "

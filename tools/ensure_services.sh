@@ -37,6 +37,21 @@ elif ! port_open 6379; then
   wait_port 6379 Redis
 fi
 
+# Binaries the HA tests run on private ports of their own (tests/integration/test_cache_ha.py:
+# a primary, replicas and sentinels; test_broker_ha.py and test_startup_without_broker.py:
+# RabbitMQ nodes), whatever the shared services above are. Without root they are only reported:
+# those tests fail under CI=true and skip elsewhere.
+ensure_binary() {
+  command -v "$1" >/dev/null && return 0
+  if [ "$(id -u)" = 0 ]; then
+    apt_install "$2"
+  else
+    echo "ensure_services: $1 is missing and installing it needs root (apt-get install $2):" \
+      "the tests that need it skip, or fail under CI=true" >&2
+  fi
+}
+ensure_binary redis-sentinel redis-sentinel
+
 if [ -n "${CALLERID_TEST_AMQP_URL:-}" ]; then
   echo "ensure_services: RabbitMQ from CALLERID_TEST_AMQP_URL"
 elif ! port_open 5672; then
@@ -44,4 +59,5 @@ elif ! port_open 5672; then
   rabbitmq-server -detached
   wait_port 5672 RabbitMQ
 fi
+ensure_binary rabbitmq-server rabbitmq-server
 echo "ensure_services: Redis and RabbitMQ are up"

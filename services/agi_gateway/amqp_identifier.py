@@ -20,7 +20,8 @@ How a call goes:
   once (`IdentifyUnavailable`) rather than leaving it in silence until the deadline.
 - Direct reply-to is bound to the channel: when the channel or connection drops, replies to
   requests already sent can never arrive, so those callers fail at once. The link starts the
-  reply consumer again once the robust channel has reopened (`shared.amqp_link`). Until then
+  reply consumer again once the channel has reopened, or on the next node of
+  CALLERID_AMQP_URL once it has connected there (`shared.amqp_link`). Until then
   `ready` is false and calls fail at once: RabbitMQ closes a channel that publishes with direct
   reply-to before consuming from it.
 - A request returned unroutable means the request queue (or its binding) is gone: the link is
@@ -77,16 +78,23 @@ class AmqpIdentifier:
             reconnect_interval=reconnect_interval,
             topology=topology,
             ssl_context=ssl_context,
+            on_channel_closed=self._on_channel_closed,
         )
         self._closed = False
         self._pending: dict[str, asyncio.Future[IdentifyReply]] = {}
         self._bad_replies = 0
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
+        """Connect and consume replies. `wait`: now, raising if no node answers (tests);
+        else in the background (the gateway, which serves calls meanwhile: not `ready`, so
+        CRM nodes fail over at once)."""
+        if not wait:
+            self._link.start(on_return_raises=True)
+            await self._link.consume(REPLY_TO, self._on_reply, no_ack=True)
+            return
         started = False
         try:
-            channel = await self._link.open(on_return_raises=True)  # declares the topology
-            channel.close_callbacks.add(self._on_channel_closed)
+            await self._link.open(on_return_raises=True)  # declares the topology
             await self._link.consume(REPLY_TO, self._on_reply, no_ack=True)
             started = True
         finally:
@@ -160,6 +168,7 @@ class AmqpIdentifier:
                 self._link.topology_missing("a request came back unroutable", generation)
                 raise IdentifyUnavailable("no queue is bound for identification requests") from exc
             except aiormq.exceptions.DeliveryError as exc:
+                self._link.publish_nacked()  # the queue full, or a channel gone stale: it looks
                 raise IdentifyUnavailable("the broker rejected the request (queue full)") from exc
             except _PUBLISH_ERRORS as exc:
                 raise IdentifyUnavailable(f"publishing failed: {exc!r}") from exc
