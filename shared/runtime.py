@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
-
-from shared.settings import CommonSettings, configure_logging, env_name, flag_overrides
+from shared import startup_errors
+from shared.nodes import ConfigError
+from shared.settings import CommonSettings, configure_logging, flag_overrides
 
 log = logging.getLogger(__name__)
 
@@ -30,43 +27,29 @@ def start_service(
 ) -> int:
     """A console script's whole start: flags over env into settings, logging, the loop.
 
-    Invalid settings exit with code 2 and one line per bad setting, naming it and where its
-    value came from (the flag, else the environment variable); never a traceback.
+    Nothing that stops a start reaches the operator as a traceback: each reason is one ERROR
+    line naming the setting (its flag when the value came from one, else its environment
+    variable) and the fix, and the exit status says whether the configuration is wrong (2) or
+    this host is not ready (1): `shared.startup_errors`.
     """
     args = parser.parse_args(argv)
     overrides = flag_overrides(args)
-
-    def origin(field: str) -> str:
-        if field in overrides:
-            flags = [a.option_strings[-1] for a in parser._actions if a.dest == field]
-            return flags[0] if flags else field
-        return env_name(settings_type, field)
-
-    try:
-        settings = settings_type(**overrides)
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            field = ".".join(str(part) for part in error["loc"]) or "settings"
-            message = error["msg"].removeprefix("Value error, ")
-            where = origin(str(error["loc"][0])) if error["loc"] else "settings"
-            print(f"{parser.prog}: invalid setting {field}: {message} ({where})", file=sys.stderr)
-        return 2
-    except SettingsError as exc:
-        # A structured setting (JSON in the environment) that does not parse.
-        named = re.search(r'field "(\w+)"', str(exc))
-        cause = exc.__cause__
-        message = "not valid JSON" if isinstance(cause, json.JSONDecodeError) else str(cause)
-        if named is None:
-            print(f"{parser.prog}: invalid settings: {exc}", file=sys.stderr)
-        else:
-            field = named.group(1)
-            print(
-                f"{parser.prog}: invalid setting {field}: {message} ({origin(field)})",
-                file=sys.stderr,
-            )
-        return 2
+    settings = startup_errors.load_settings(parser, settings_type, overrides)
+    if isinstance(settings, int):
+        return settings
     configure_logging(settings.log_level)
-    return run(lambda: serve(settings))
+    where = startup_errors.origins(parser, settings_type, set(overrides))
+    try:
+        return run(lambda: serve(settings))
+    except KeyboardInterrupt:
+        return startup_errors.INTERRUPTED
+    except startup_errors.StartupError as exc:
+        return startup_errors.report(parser.prog, [exc], where)
+    except ConfigError as exc:
+        error = startup_errors.from_config_error(exc, settings.nodes)
+        return startup_errors.report(parser.prog, [error], where)
+    except Exception as exc:
+        return startup_errors.report_unexpected(parser.prog, exc)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -55,6 +55,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.settings import parse_listen
+from shared.startup_errors import StartupError, listening, report
 
 log = logging.getLogger("callerid.mock_crm")
 
@@ -356,16 +357,20 @@ def main(argv: list[str] | None = None) -> int:
         len(table.customers),
         len(table.rules),
     )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=_SHUTDOWN_SECONDS,
-        handler_cancellation=True,
-        backlog=LISTEN_BACKLOG,
-    )
+    try:
+        with listening("--listen", args.listen):
+            web.run_app(
+                app,
+                host=host,
+                port=port,
+                access_log=None,
+                print=None,
+                shutdown_timeout=_SHUTDOWN_SECONDS,
+                handler_cancellation=True,
+                backlog=LISTEN_BACKLOG,
+            )
+    except StartupError as exc:  # the port is taken, or not this host's: one line, no traceback
+        return report(parser.prog, [exc], str)
     return 0
 
 

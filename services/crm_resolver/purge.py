@@ -14,6 +14,8 @@ import sys
 
 from crm_resolver.redis_cache import CacheUnavailable, RedisCache
 from crm_resolver.settings import ResolverSettings
+from shared.redis_url import RedisUrlError
+from shared.startup_errors import load_settings
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _CUSTOMER_ID = re.compile(r"[0-9]{1,30}")
@@ -40,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.customer is not None and not _CUSTOMER_ID.fullmatch(args.customer):
         parser.error("--customer: 1-30 digits")
     overrides = {"redis_url": args.redis_url} if args.redis_url else {}
-    settings = ResolverSettings(**overrides)
+    settings = load_settings(parser, ResolverSettings, overrides)
+    if isinstance(settings, int):
+        return settings  # one line per bad setting was logged (shared.startup_errors)
     if not settings.redis_url:
         parser.error("no Redis: set CALLERID_REDIS_URL or pass --redis-url")
     try:
         removed = asyncio.run(purge(settings, args.node, args.customer))
-    except CacheUnavailable as exc:
+    except (CacheUnavailable, RedisUrlError) as exc:
         print(f"callerid-cache-purge: {exc}", file=sys.stderr)
         return 1
     what = "its customer" if args.customer else "all customers"
