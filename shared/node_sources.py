@@ -11,9 +11,9 @@ Two sources, chosen by `CALLERID_NODES` (`source_from_setting`):
   destination is `{type: 1, id: 3}` or OMniLeads' string `"1,3"`. Any other top-level key is
   an error (a typo must not pass silently), except keys starting with `x-`, which hold YAML
   anchors for shared defaults (`<<: *defaults`), as in docker-compose files.
-- `redis://host:port/db` (or `rediss://`, `unix://`): OMniLeads' own hashes
-  `OML:CUSTOMERID:<id>`, read live, so the gateway can stand beside an existing OMniLeads
-  without a second copy of its nodes.
+- `redis://host:port/db` (or `rediss://`, `unix://`, `redis+sentinel://`: `shared.redis_url`):
+  OMniLeads' own hashes `OML:CUSTOMERID:<id>`, read live, so the gateway can stand beside an
+  existing OMniLeads without a second copy of its nodes.
 
 OMniLeads hashes, as OMniLeads writes them (`IdentificadorClienteFamily._create_dict` in
 `configuracion_telefonia_app/regeneracion_configuracion_telefonia.py`, stored with redis-py
@@ -89,14 +89,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis
 import yaml
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from shared.nodes import ConfigError, NodeConfig, NodeSet, build_node
 from shared.outcomes import Interaction
+from shared.redis_url import parse_redis_url, redacted, sync_client
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ OML_PREFIX = "OML:CUSTOMERID:"
 # OMniLeads' own "to confirm press one" prompt (its dialplan plays
 # oml/${CHANNEL(language)}/oml-to-confirm-press-one): CALLERID_OMNILEADS_CONFIRM_AUDIO's default.
 OMNILEADS_CONFIRM_AUDIO = "oml/en/oml-to-confirm-press-one"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 
 _TOP_LEVEL_KEYS = frozenset({"nodes"})
 _EXTENSION_KEY_PREFIX = "x-"
@@ -380,15 +378,6 @@ def _with_oml_names(message: str, node_id: str) -> str:
     return head + sep + renamed
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rpartition("@")[2]
-    return f"{scheme}{sep}{authority}{slash}{path}"
-
-
 class RedisHashSource:
     """OMniLeads' `OML:CUSTOMERID:<id>` hashes, read live (see the module docstring)."""
 
@@ -420,13 +409,10 @@ class RedisHashSource:
         # not the whole read (redis-py would raise UnicodeDecodeError for the pipeline).
         # A synchronous client, used from a worker thread: parsing thousands of hashes in
         # redis-py's Python parser held the event loop for up to 0.6 s per poll.
-        self._client = redis.Redis.from_url(
-            url,
-            decode_responses=False,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_error=[],
+        # A primary found through Sentinel too (`shared.redis_url`); a bad URL is a ConfigError.
+        target = parse_redis_url(url, setting="CALLERID_NODES")
+        self._client = sync_client(
+            target, timeout=timeout, setting="CALLERID_NODES", decode_responses=False
         )
 
     async def changed(self) -> bool:
@@ -516,6 +502,46 @@ def source_from_setting(
 
 
 # --------------------------------------------------------------------------- the active set
+
+
+class NodeCheck(Protocol):
+    def check_node(self, node: NodeConfig) -> None:
+        """ConfigError (naming the node and field) when this process cannot run the node."""
+        ...
+
+
+class CheckedSource:
+    """A `NodeSource` whose nodes must also pass a check of this process (a resolver's: the
+    CRM secrets a node names are in its environment). A node that fails it is refused like
+    any other bad node: alone, keeping its last good version on a reload."""
+
+    def __init__(self, source: NodeSource, check: NodeCheck) -> None:
+        self._source = source
+        self._check = check
+        self.description = source.description
+        self.strict_start = source.strict_start
+
+    async def load(self) -> NodeSet:
+        return (await self.read()).strict()
+
+    async def read(self) -> SourceRead:
+        read = await self._source.read()
+        nodes: list[NodeConfig] = []
+        rejected = dict(read.rejected)
+        for node in read.nodes:
+            try:
+                self._check.check_node(node)
+            except ConfigError as exc:
+                rejected[node.id] = f"{self.description}: {exc}"
+            else:
+                nodes.append(node)
+        return SourceRead(tuple(nodes), rejected)
+
+    async def changed(self) -> bool:
+        return await self._source.changed()
+
+    async def close(self) -> None:
+        await self._source.close()
 
 
 class NodeStore:

@@ -23,12 +23,12 @@ from pydantic import (
 
 from shared.asterisk_words import MAX_MUSIC_CLASS, MAX_SOUND, is_music_class, is_sound
 from shared.destination import DEFAULT_ALLOWED_TYPES, IDENTIFICATION_NODE_TYPE, Destination
+from shared.node_auth import AuthMethods, as_list, check_methods, legacy_auth, url_problem
 from shared.outcomes import Interaction
 
 # Asterisk sound names: path segments of letters, digits, '_', '-' and '.', no extension
 # needed. Anything else could not be a file name and could break the AGI quoting.
 _NODE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class ConfigError(Exception):
@@ -72,10 +72,25 @@ class NodeConfig(BaseModel):
     cache_ttl_positive: float = Field(default=300, ge=0, le=86_400)
     cache_ttl_negative: float = Field(default=60, ge=0, le=86_400)
     # Securing CRM calls (docs/design.md §5), all off by default: an OMniLeads CRM works as is.
-    # Secrets never live in the config: these name environment variables the resolver reads.
-    crm_token_env: str | None = None
-    crm_signing_secret_env: str | None = None
+    # Secrets never live in the config: methods name environment variables the resolver reads.
+    # The older crm_token_env / crm_signing_secret_env fields are read as this (`node_auth`).
+    auth: AuthMethods = ()
     crm_send_context: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_auth_fields(cls, data: Any) -> Any:
+        return legacy_auth(data)
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_as_list(cls, value: Any) -> Any:
+        return as_list(value)
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_combines(cls, value: AuthMethods) -> AuthMethods:
+        return check_methods(value)
 
     @field_validator(
         "expected_length",
@@ -154,15 +169,6 @@ class NodeConfig(BaseModel):
             )
         return value
 
-    @field_validator("crm_token_env", "crm_signing_secret_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is None or value.strip() == "":
-            return None
-        if not _ENV_NAME.fullmatch(value.strip()):
-            raise ValueError("must name an environment variable (letters, digits, '_')")
-        return value.strip()
-
     @field_validator("terminator")
     @classmethod
     def _terminator(cls, value: str) -> str:
@@ -192,6 +198,8 @@ class NodeConfig(BaseModel):
                 f"on_identified: required for interaction {self.interaction.value}"
                 f" (only {Interaction.CRM_DESTINATION.value} nodes may leave it out)"
             )
+        if problem := url_problem(self.auth, self.url):
+            raise ValueError(problem)
         if self.min_length > self.max_length:
             raise ValueError(
                 f"min_length: {self.min_length} exceeds max_length {self.max_length}"

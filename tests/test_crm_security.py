@@ -25,10 +25,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from agi_gateway.app import Gateway
 from agi_gateway.settings import GatewaySettings
 from crm_resolver.address_policy import AddressPolicy, AddressRefused, is_metadata_address
+from crm_resolver.crm_auth import CrmCredentials
 from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
 from crm_resolver.ports import CallContext, CrmUnreachable
-from crm_resolver.signing import CheckedSource, CrmCredentials, parse_signing_secret, sign
-from shared.node_sources import NodeStore, YamlFileSource
+from crm_resolver.signing import parse_signing_secret, sign
+from shared.node_sources import CheckedSource, NodeStore, YamlFileSource
 from shared.nodes import ConfigError, NodeConfig, NodeSet
 from tests.test_crm_http import TRUE, AppServer, serve_app
 from tools.asterisk_sim import CallScript, run_call

@@ -4,10 +4,12 @@ callerid would accept the answer, what the call would do with it, and what to fi
 What it sends: the request the product sends, built and sent by the product's own HTTP
 client (crm_resolver.crm_http): POST <URL>, User-Agent: OMniLeads, Content-Type:
 application/x-www-form-urlencoded, Accept-Encoding: identity, body idContact=<id>. When the
-node asks for them: Authorization: Bearer <token> (from the environment variable the node
-names in crm_token_env), Standard Webhooks signature headers (webhook-id,
-webhook-timestamp, webhook-signature; key from crm_signing_secret_env), and callerNumber,
-callId and nodeId in the form (crm_send_context). TLS is always verified (system store plus
+node asks for them (its auth: section, or the older crm_token_env / crm_signing_secret_env):
+Authorization: Bearer <token> (a token from the environment, or from an OAuth2 token
+endpoint: that request is sent first, through the same client, and not shown), Standard
+Webhooks signature headers (webhook-id, webhook-timestamp, webhook-signature), a client
+certificate (mutual_tls), and callerNumber, callId and nodeId in the form
+(crm_send_context). TLS is always verified (system store plus
 CALLERID_CRM_CA_BUNDLE or --ca-bundle); redirects are not followed; proxy variables are
 ignored; CALLERID_CRM_ALLOWED_HOSTS and CALLERID_CRM_ALLOW_METADATA apply as in the service.
 The CRM is asked once, whatever the cache or circuit breaker would say: the service asks once
@@ -47,11 +49,11 @@ import ssl
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import aiohttp
 from aiohttp.resolver import DefaultResolver
@@ -60,8 +62,10 @@ from yarl import URL
 
 from agi_gateway.decisions import Decision, reply_decision
 from crm_resolver.address_policy import AddressPolicy, AddressRefused, PolicyResolver
-from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
+from crm_resolver.crm_auth import CrmCredentials
+from crm_resolver.crm_http import TOKEN_REQUEST, CrmHttpSettings, HttpCrmClient
 from crm_resolver.crm_response import MAX_BODY, parse_crm_response
+from crm_resolver.oauth2_client import CrmTokenUnavailable
 from crm_resolver.ports import (
     CallContext,
     CrmAnswer,
@@ -72,10 +76,16 @@ from crm_resolver.ports import (
     CrmTimeout,
     CrmUnreachable,
 )
-from crm_resolver.resolver import _is_outage, judge
-from crm_resolver.signing import CrmCredentials
+from crm_resolver.resolver import _is_outage
+from shared.crm_answer import judge
 from shared.destination import DEFAULT_ALLOWED_TYPES, Destination
 from shared.messages import IdentifyReply
+from shared.node_auth import (
+    BearerAuth,
+    MutualTlsAuth,
+    OAuth2ClientCredentialsAuth,
+    WebhookSignatureAuth,
+)
 from shared.node_sources import source_from_setting
 from shared.nodes import ConfigError, NodeConfig
 from shared.outcomes import ErrorCode, Interaction, Outcome, Source
@@ -235,15 +245,32 @@ def _tracer(wire: Wire) -> aiohttp.TraceConfig:
             # with the headers, without waiting, so the check cannot time out where it does not.
             wire.early_body = response.content.read_nowait(MAX_BODY)
 
-    trace.on_request_start.append(request_start)
-    trace.on_dns_resolvehost_start.append(dns_start)
-    trace.on_dns_resolvehost_end.append(dns_end)
-    trace.on_connection_create_start.append(connect_start)
-    trace.on_connection_create_end.append(connect_end)
-    trace.on_request_headers_sent.append(headers_sent)
-    trace.on_request_chunk_sent.append(chunk_sent)
-    trace.on_request_end.append(request_end)
+    trace.on_request_start.append(_crm_only(request_start))
+    trace.on_dns_resolvehost_start.append(_crm_only(dns_start))
+    trace.on_dns_resolvehost_end.append(_crm_only(dns_end))
+    trace.on_connection_create_start.append(_crm_only(connect_start))
+    trace.on_connection_create_end.append(_crm_only(connect_end))
+    trace.on_request_headers_sent.append(_crm_only(headers_sent))
+    trace.on_request_chunk_sent.append(_crm_only(chunk_sent))
+    trace.on_request_end.append(_crm_only(request_end))
     return trace
+
+
+_Params = TypeVar("_Params")
+_Callback = Callable[[aiohttp.ClientSession, SimpleNamespace, _Params], Awaitable[None]]
+
+
+def _crm_only(callback: _Callback[_Params]) -> _Callback[_Params]:
+    """`callback` for the CRM request only: an auth method's token request (an OAuth2 node)
+    goes on the same session and is not the request the report describes."""
+
+    async def watched(
+        session: aiohttp.ClientSession, context: SimpleNamespace, params: _Params
+    ) -> None:
+        if context.trace_request_ctx != TOKEN_REQUEST:
+            await callback(session, context, params)
+
+    return watched
 
 
 def _transport(response: aiohttp.ClientResponse) -> asyncio.BaseTransport | None:
@@ -535,8 +562,21 @@ def _problem_and_fixes(result: Result, target: Target) -> tuple[str, list[str]]:
         return f"the answer is not in the protocol: {error}", _bad_response_fixes(str(error), wire)
     if isinstance(error, CrmTimeout):
         return _timeout_problem(wire, target.budget)
+    if isinstance(error, CrmTokenUnavailable):
+        return f"no OAuth2 token: {error}", [
+            "Check the node's token_url, client_id and the secret in its client_secret_env "
+            "(HTTP 400 or 401 from the token endpoint usually means a wrong id or secret),",
+            "and that the token endpoint is reachable from the resolver and answers JSON with "
+            "an access_token.",
+        ]
     if isinstance(error, CrmUnreachable):
-        return _unreachable_problem(error, target)
+        problem, fixes = _unreachable_problem(error, target)
+        if any(isinstance(method, MutualTlsAuth) for method in node.auth):
+            fixes.append(
+                "The node presents a client certificate (mutual_tls): a CRM that does not "
+                "accept it ends the TLS session; check that the CRM trusts its issuer."
+            )
+        return problem, fixes
     if result.code is ErrorCode.CRM_DISALLOWED_DESTINATION:
         assert result.answer is not None
         assert result.answer.destination is not None
@@ -778,8 +818,22 @@ def _destination_label(target: Target, decision: Decision) -> str:
 def _mask(name: str, value: str, node: NodeConfig) -> str:
     if name.lower() == "authorization":
         scheme, _, secret = value.partition(" ")
-        return f"{scheme} <masked: {len(secret)} characters from ${node.crm_token_env}>"
+        return f"{scheme} <masked: {len(secret)} characters from {_token_origin(node)}>"
     return value
+
+
+def _token_origin(node: NodeConfig) -> str:
+    for method in node.auth:
+        if isinstance(method, BearerAuth):
+            return f"${method.token_env}"
+        if isinstance(method, OAuth2ClientCredentialsAuth):
+            return f"the OAuth2 token endpoint {method.token_url}"
+    return "the node's auth"
+
+
+def _signing_env(node: NodeConfig) -> str | None:
+    found = (m.secret_env for m in node.auth if isinstance(m, WebhookSignatureAuth))
+    return next(found, None)
 
 
 def report(result: Result, target: Target, customer_id: str, *, max_body: int, out: TextIO) -> int:
@@ -819,8 +873,8 @@ def report(result: Result, target: Target, customer_id: str, *, max_body: int, o
             say(f"  {bytes(wire.request_body).decode('ascii', 'replace')}")
         else:
             say("  (not sent: no connection; the headers above were prepared for it)")
-        if node.crm_signing_secret_env and wire.request_complete:
-            say(f"  (signed with the key in ${node.crm_signing_secret_env}; key not shown)")
+        if (signing_env := _signing_env(node)) and wire.request_complete:
+            say(f"  (signed with the key in ${signing_env}; key not shown)")
 
     section("ANSWER")
     if wire.status is None:

@@ -10,9 +10,11 @@ The request is exactly OMniLeads': `POST <node.url>`, `User-Agent: OMniLeads`,
 `Accept-Encoding: identity` and nothing is decompressed: a compressed body could expand far
 past the cap before a byte of it is counted (a CRM that compresses anyway gets
 `CrmBadResponse`). The optional extras of docs/design.md §5 are per node and off by default:
-`crm_send_context` adds `callerNumber`, `callId` and `nodeId` to the form;
-`crm_token_env` adds `Authorization: Bearer <token>`; `crm_signing_secret_env` adds the
-Standard Webhooks headers over the exact body sent (`signing`).
+`crm_send_context` adds `callerNumber`, `callId` and `nodeId` to the form; the node's
+`auth:` section adds credentials through `crm_auth.CrmAuth`: headers prepared for the exact
+body sent (a bearer token, an OAuth2 token, Standard Webhooks signature headers), and a
+client certificate for the TLS handshake. A token request of an auth method goes through
+`post_form`, on this session, under the same rules.
 
 Where requests may go is `address_policy`'s rule, checked at every lookup on the URL and, by
 the connector's resolver, on every address a name resolves to. A refusal is CrmUnreachable,
@@ -27,6 +29,11 @@ Limits:
   a body without one (chunked, or until close) is read in pieces up to `MAX_BODY + 1`.
 - TLS is always verified against the system store plus `ca_bundle`; redirects are not
   followed (a 3xx is just a non-2xx status); proxies from the environment are ignored.
+- A node with a client certificate (`mutual_tls`) gets its own `ssl.SSLContext` (the same
+  verification, plus the certificate), built once per distinct certificate and passed as the
+  request's `ssl=`: aiohttp then uses it instead of the connector's, and keys its pool of
+  kept-alive connections by it, so connections made with one identity are never reused for
+  another (aiohttp's `ConnectionKey` holds the request's `ssl`).
 
 Exception mapping (nothing from aiohttp, asyncio or ssl escapes `lookup`):
 
@@ -34,12 +41,13 @@ Exception mapping (nothing from aiohttp, asyncio or ssl escapes `lookup`):
       (aiohttp ServerTimeoutError, ConnectionTimeoutError, SocketTimeoutError are both)
     AddressRefused (URL or resolved address    → CrmUnreachable
       refused by the policy), unusable node
-      credentials
+      credentials, no OAuth2 token (CrmTokenUnavailable, a CrmUnreachable)
     ClientConnectorError (refused, DNS),       → CrmUnreachable
       ClientConnectorCertificateError, ClientSSLError,
       ClientOSError (reset), ServerDisconnectedError before the status line,
       InvalidURL, any other ClientError or OSError
-    status outside 200-299 (3xx included)      → CrmHttpStatus(status)
+    status outside 200-299 (3xx included)      → CrmHttpStatus(status); a 401 also tells the
+                                                 node's auth (`CrmAuth.rejected`)
     ClientResponseError (status line, headers  → CrmBadResponse
       or chunk framing that are not HTTP, a header line over 8 KiB),
       ClientPayloadError (body cut short of its Content-Length),
@@ -58,9 +66,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -69,16 +76,17 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
 from crm_resolver.address_policy import AddressPolicy, AddressRefused, PolicyResolver
+from crm_resolver.crm_auth import ClientCertificate, CrmAuth, CrmCredentials, Headers
 from crm_resolver.crm_response import MAX_BODY, parse_crm_response
 from crm_resolver.ports import (
     CallContext,
     CrmAnswer,
     CrmBadResponse,
+    CrmError,
     CrmHttpStatus,
     CrmTimeout,
     CrmUnreachable,
 )
-from crm_resolver.signing import CrmCredentials, NodeCredentials, signature_headers
 from shared.nodes import ConfigError, NodeConfig
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,9 @@ _FORM = "application/x-www-form-urlencoded"
 # An idle kept-alive connection is reused for this long; CRMs behind a load balancer
 # commonly close idle connections after 60 s, so stay under that.
 _KEEPALIVE_SECONDS = 30.0
+TOKEN_REQUEST = "callerid: a token request of a CRM auth method"
+"""The `trace_request_ctx` of `post_form`'s requests, for trace configs that watch only the
+CRM's (`tools.crm_check`)."""
 
 
 @dataclass(frozen=True)
@@ -112,18 +123,19 @@ class HttpCrmClient:
         settings: CrmHttpSettings = CrmHttpSettings(),
         *,
         credentials: CrmCredentials | None = None,
-        clock: Callable[[], float] = time.time,
         dns: AbstractResolver | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
-        """`dns` replaces aiohttp's resolver under the address policy (tests map names);
-        `trace_configs` watch the requests (`tools.crm_check` shows them; the service has none)."""
+        """`credentials` builds each node's `CrmAuth` (default: none can be resolved, so only
+        nodes without `auth:` work); `close` closes it too. `dns` replaces aiohttp's resolver
+        under the address policy (tests map names); `trace_configs` watch the requests
+        (`tools.crm_check` shows them; the service has none)."""
         self._settings = settings
         self._dns = dns
         self._trace_configs = list(trace_configs)
         self._credentials = credentials if credentials is not None else CrmCredentials()
-        self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._client_tls: dict[ClientCertificate, ssl.SSLContext] = {}
         self._refusals_logged: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
@@ -149,6 +161,7 @@ class HttpCrmClient:
         )
 
     async def close(self) -> None:
+        await self._credentials.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -179,63 +192,71 @@ class HttpCrmClient:
         )
         try:
             self._settings.policy.check_url(node.url)
-            credentials = self._credentials.for_node(node)
+            auth = self._credentials.for_node(node)
+            tls = self._tls_for(auth.client_certificate)
         except (AddressRefused, ConfigError) as exc:
             raise self._refused(node, exc) from exc
-        body, headers = self._request(node, customer_id, context, credentials)
+        body = _form(node, customer_id, context)
         try:
             async with asyncio.timeout(budget):
-                answer = await self._post(self._session, node.url, body, headers, timeout)
+                # Inside the budget: an OAuth2 token request is part of the lookup's time.
+                headers = {"Content-Type": _FORM, **await auth.prepare(body, self)}
+                with _crm_errors(lambda refused: self._refused(node, refused)):
+                    return await self._post(
+                        self._session, node.url, body, headers, timeout, tls, auth
+                    )
         except TimeoutError as exc:
             raise CrmTimeout(f"no answer within {budget:.3g} s") from exc
-        except aiohttp.ClientResponseError as exc:
-            # Raised for a status line, headers or chunk framing that are not HTTP (never for
-            # a status: raise_for_status is off), so the peer answered, badly. Its message
-            # quotes the CRM's bytes, newlines included: it stays in the chained cause.
-            raise CrmBadResponse("not a valid HTTP answer") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise CrmBadResponse("broken HTTP body") from exc
-        except aiohttp.ClientConnectorError as exc:
-            # Also ClientConnectorCertificateError and ClientSSLError (its subclasses), and
-            # ClientConnectorDNSError carrying the resolver's AddressRefused.
-            if isinstance(exc.os_error, AddressRefused):
-                raise self._refused(node, exc.os_error) from exc
-            raise CrmUnreachable(f"cannot connect: {type(exc).__name__}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise CrmUnreachable(f"connection failed: {type(exc).__name__}") from exc
-        return answer
 
-    def _request(
-        self,
-        node: NodeConfig,
-        customer_id: str,
-        context: CallContext,
-        credentials: NodeCredentials,
-    ) -> tuple[bytes, dict[str, str]]:
-        """The form body and the headers of one request (signed over exactly that body)."""
-        if node.crm_send_context:
-            fields = [
-                ("idContact", customer_id),
-                ("callerNumber", context.caller_number),
-                ("callId", context.call_id),
-                ("nodeId", node.id),
-            ]
-            body = urlencode(fields).encode("ascii")
-        else:
-            body = f"idContact={customer_id}".encode("ascii")
-        headers = {"Content-Type": _FORM}
-        if credentials.token is not None:
-            headers["Authorization"] = f"Bearer {credentials.token}"
-        if credentials.signing_key is not None:
-            headers.update(
-                signature_headers(
-                    credentials.signing_key,
-                    body,
-                    message_id=f"msg_{uuid.uuid4().hex}",
-                    timestamp=int(self._clock()),
-                )
-            )
-        return body, headers
+    async def post_form(
+        self, url: str, body: bytes, headers: Headers, *, timeout: float
+    ) -> tuple[int, bytes]:
+        """`crm_auth.AuthHttp`: POST a form for an auth method (a token request), under the
+        address policy and TLS verification of the lookups; the status and the body (at
+        most MAX_BODY bytes, whatever the status). Raises as `fetch` does."""
+        if self._session is None:
+            raise CrmUnreachable("the CRM client is closed")
+        try:
+            self._settings.policy.check_url(url)
+        except AddressRefused as exc:
+            raise CrmUnreachable(f"refused: {exc}") from exc
+        client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=min(self._settings.connect_timeout, timeout), sock_read=None
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                with _crm_errors(lambda refused: CrmUnreachable(f"refused: {refused}")):
+                    async with self._session.post(
+                        url,
+                        data=body,
+                        headers=headers,
+                        timeout=client_timeout,
+                        allow_redirects=False,
+                        trace_request_ctx=TOKEN_REQUEST,
+                    ) as response:
+                        length = response.content_length
+                        if length is not None and length > MAX_BODY:
+                            raise CrmBadResponse(f"Content-Length over {MAX_BODY} bytes")
+                        return response.status, await _read_capped(response.content)
+        except TimeoutError as exc:
+            raise CrmTimeout(f"no answer within {timeout:.3g} s") from exc
+
+    def _tls_for(self, certificate: ClientCertificate | None) -> ssl.SSLContext | None:
+        """The TLS context presenting `certificate` (one per certificate, kept: connections
+        are pooled by it), or None for the connector's. ConfigError when it cannot load."""
+        if certificate is None:
+            return None
+        context = self._client_tls.get(certificate)
+        if context is None:
+            context = _ssl_context(self._settings.ca_bundle)
+            try:
+                certificate.load_into(context)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"client certificate {certificate.certificate_file} cannot be loaded: {exc}"
+                ) from exc
+            self._client_tls[certificate] = context
+        return context
 
     def _refused(self, node: NodeConfig, exc: Exception) -> CrmUnreachable:
         """CrmUnreachable for a request the policy or the node's credentials forbid; the
@@ -253,6 +274,8 @@ class HttpCrmClient:
         body: bytes,
         headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
+        tls: ssl.SSLContext | None,
+        auth: CrmAuth,
     ) -> bytes:
         async with session.post(
             url,
@@ -260,12 +283,53 @@ class HttpCrmClient:
             headers=headers,
             timeout=timeout,
             allow_redirects=False,
+            ssl=tls if tls is not None else True,
         ) as response:
             if not 200 <= response.status <= 299:
+                if response.status == 401:
+                    auth.rejected(headers)
                 raise CrmHttpStatus(response.status)
             if response.content_length is not None and response.content_length > MAX_BODY:
                 raise CrmBadResponse(f"Content-Length over {MAX_BODY} bytes")
             return await _read_capped(response.content)
+
+
+def _form(node: NodeConfig, customer_id: str, context: CallContext) -> bytes:
+    """The form body of one lookup (what a signature is computed over)."""
+    if node.crm_send_context:
+        fields = [
+            ("idContact", customer_id),
+            ("callerNumber", context.caller_number),
+            ("callId", context.call_id),
+            ("nodeId", node.id),
+        ]
+        return urlencode(fields).encode("ascii")
+    return f"idContact={customer_id}".encode("ascii")
+
+
+@contextmanager
+def _crm_errors(refused: Callable[[AddressRefused], CrmError]) -> Iterator[None]:
+    """aiohttp's and the socket's exceptions raised inside, as the `CrmError` they mean;
+    `refused` makes the one for an address the policy refused at connect time."""
+    try:
+        yield
+    except TimeoutError:
+        raise  # aiohttp's own timeouts are ClientErrors too: the caller makes them CrmTimeout
+    except aiohttp.ClientResponseError as exc:
+        # Raised for a status line, headers or chunk framing that are not HTTP (never for
+        # a status: raise_for_status is off), so the peer answered, badly. Its message
+        # quotes the CRM's bytes, newlines included: it stays in the chained cause.
+        raise CrmBadResponse("not a valid HTTP answer") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise CrmBadResponse("broken HTTP body") from exc
+    except aiohttp.ClientConnectorError as exc:
+        # Also ClientConnectorCertificateError and ClientSSLError (its subclasses), and
+        # ClientConnectorDNSError carrying the resolver's AddressRefused.
+        if isinstance(exc.os_error, AddressRefused):
+            raise refused(exc.os_error) from exc
+        raise CrmUnreachable(f"cannot connect: {type(exc).__name__}") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise CrmUnreachable(f"connection failed: {type(exc).__name__}") from exc
 
 
 async def _read_capped(stream: aiohttp.StreamReader) -> bytes:

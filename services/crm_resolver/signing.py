@@ -1,14 +1,7 @@
-"""Credentials for CRM requests: bearer tokens and Standard Webhooks signatures. No I/O.
+"""The formats of CRM request credentials: bearer tokens and Standard Webhooks signatures.
 
-What belongs here: turning a node's `crm_token_env` / `crm_signing_secret_env` into the
-secrets they name, and the signature scheme. What does not: sending anything (`crm_http`
-adds the headers) and reading the process environment (the composition root hands a
-mapping in once, at start-up; nothing here calls `os.environ`).
-
-Both are off by default, so an OMniLeads CRM endpoint works unchanged. A node that names a
-variable which is not set, is empty or holds something unusable is a `ConfigError` naming
-the node and the field: at start-up the service does not start, and on a reload the last
-good config stays (`checked_source`). Secret values never appear in a message.
+Pure functions, no I/O and no state: `crm_auth` turns a node's `auth:` section into the
+headers of each request and uses these for the bytes. A secret never appears in a message.
 
 Signing follows the Standard Webhooks scheme (https://www.standardwebhooks.com):
 
@@ -28,11 +21,6 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-
-from shared.node_sources import NodeSource, SourceRead
-from shared.nodes import ConfigError, NodeConfig, NodeSet
 
 SECRET_PREFIX = "whsec_"
 MIN_KEY_BYTES = 16
@@ -47,21 +35,9 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _MAX_TOKEN = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class NodeCredentials:
-    """What one node's CRM requests carry; `repr` never shows the secrets."""
-
-    token: str | None = None
-    signing_key: bytes | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"NodeCredentials(token={'set' if self.token else None}, "
-            f"signing_key={'set' if self.signing_key else None})"
-        )
-
-
-NO_CREDENTIALS = NodeCredentials()
+def is_bearer_token(token: str) -> bool:
+    """Whether `token` may go in `Authorization: Bearer <token>` (RFC 6750 b64token)."""
+    return len(token) <= _MAX_TOKEN and _TOKEN.fullmatch(token) is not None
 
 
 def parse_signing_secret(secret: str) -> bytes:
@@ -93,91 +69,3 @@ def signature_headers(
         HEADER_TIMESTAMP: str(timestamp),
         HEADER_SIGNATURE: sign(key, message_id, timestamp, body),
     }
-
-
-class CrmCredentials:
-    """Resolves nodes' credential fields against an environment read once (a snapshot)."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        self._environ = dict(environ or {})
-        self._resolved: dict[tuple[str | None, str | None], NodeCredentials] = {}
-
-    def for_node(self, node: NodeConfig) -> NodeCredentials:
-        """The node's credentials; ConfigError naming the node and field when unusable."""
-        names = (node.crm_token_env, node.crm_signing_secret_env)
-        if names == (None, None):
-            return NO_CREDENTIALS
-        found = self._resolved.get(names)
-        if found is None:
-            token = self._token(node) if node.crm_token_env else None
-            key = self._signing_key(node) if node.crm_signing_secret_env else None
-            found = self._resolved[names] = NodeCredentials(token, key)
-        return found
-
-    def check(self, nodes: Iterable[NodeConfig]) -> None:
-        """ConfigError for the first CRM node whose credentials cannot be resolved."""
-        for node in nodes:
-            if node.uses_crm:
-                self.for_node(node)
-
-    def _value(self, node: NodeConfig, field: str, name: str) -> str:
-        value = self._environ.get(name, "").strip()
-        if not value:
-            raise ConfigError(
-                f"node {node.id!r}: {field}: environment variable {name} is not set or empty"
-            )
-        return value
-
-    def _token(self, node: NodeConfig) -> str:
-        assert node.crm_token_env is not None
-        token = self._value(node, "crm_token_env", node.crm_token_env)
-        if len(token) > _MAX_TOKEN or not _TOKEN.fullmatch(token):
-            raise ConfigError(
-                f"node {node.id!r}: crm_token_env: {node.crm_token_env} does not hold a bearer "
-                "token (letters, digits and -._~+/ only)"
-            )
-        return token
-
-    def _signing_key(self, node: NodeConfig) -> bytes:
-        assert node.crm_signing_secret_env is not None
-        name = node.crm_signing_secret_env
-        secret = self._value(node, "crm_signing_secret_env", name)
-        try:
-            return parse_signing_secret(secret)
-        except ValueError as exc:
-            raise ConfigError(f"node {node.id!r}: crm_signing_secret_env: {name}: {exc}") from None
-
-
-class CheckedSource:
-    """A `NodeSource` whose nodes also need their CRM credentials: a node naming a secret that
-    cannot be resolved is refused like any other bad node (alone, keeping its last good
-    version on a reload)."""
-
-    def __init__(self, source: NodeSource, credentials: CrmCredentials) -> None:
-        self._source = source
-        self._credentials = credentials
-        self.description = source.description
-        self.strict_start = source.strict_start
-
-    async def load(self) -> NodeSet:
-        return (await self.read()).strict()
-
-    async def read(self) -> SourceRead:
-        read = await self._source.read()
-        nodes: list[NodeConfig] = []
-        rejected = dict(read.rejected)
-        for node in read.nodes:
-            try:
-                if node.uses_crm:
-                    self._credentials.for_node(node)
-            except ConfigError as exc:
-                rejected[node.id] = f"{self.description}: {exc}"
-            else:
-                nodes.append(node)
-        return SourceRead(tuple(nodes), rejected)
-
-    async def changed(self) -> bool:
-        return await self._source.changed()
-
-    async def close(self) -> None:
-        await self._source.close()
