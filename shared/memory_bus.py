@@ -12,7 +12,7 @@ The contract kept, as on RabbitMQ (the same tests run against both):
   is then dropped and `on_late_reply()` is called, like a late reply off the broker. A request
   whose caller gave up while it waited for a concurrency slot never reaches the handler.
 - A handler that raises (a bug: business errors are reply envelopes) yields an `internal`
-  error envelope, as a resolver worker would send.
+  error envelope, as a resolver worker would send (both through `shared.answering`).
 - Requests and replies are passed as the frozen pydantic objects themselves: no JSON round
   trip, and one task plus one future per call.
 """
@@ -20,15 +20,12 @@ The contract kept, as on RabbitMQ (the same tests run against both):
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 
+from shared.answering import answer_request
 from shared.messages import IdentifyReply, IdentifyRequest
-from shared.outcomes import ErrorCode
 from shared.ports import IdentifyTimeout, IdentifyUnavailable, RequestHandler
-
-log = logging.getLogger(__name__)
 
 
 class MemoryBus:
@@ -100,11 +97,7 @@ class MemoryBus:
             async with self._slots:
                 if answer.done():  # the caller gave up while this waited for a slot
                     return
-                try:
-                    reply = await handler(request)
-                except Exception:
-                    log.exception("request handler failed for request %s", request.request_id)
-                    reply = IdentifyReply.failure(request.request_id, ErrorCode.INTERNAL)
+                reply = await answer_request(handler, request)
         except asyncio.CancelledError:
             if not answer.done():  # close(): the caller learns now, not at its deadline
                 answer.set_exception(IdentifyUnavailable("the in-memory bus is closing"))

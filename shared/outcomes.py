@@ -1,7 +1,13 @@
-"""The fixed vocabularies: outcomes, sources, interaction types, verdicts and error codes.
+"""The fixed vocabularies: outcomes, sources, interaction types, verdicts, error codes, cache
+lookup results and circuit states.
 
 These strings appear in channel variables, metric labels, logs, messages and the README;
-they are defined here once and nowhere else.
+they are defined here once and nowhere else. What each word implies is declared here too, next
+to it (`Outcome.is_failover`, `ErrorCode.outcome`, `ErrorCode.is_crm_result`,
+`CacheLookup.read`, `CircuitState.level`), so metrics, tests and docs iterate these enums
+instead of keeping their own lists: adding a word is one member plus its entry in the tables
+below it (tests/unit/test_vocabulary.py fails until every table names it, and until the README
+and docs/design.md list it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ class Outcome(StrEnum):
     CRM_BAD_RESPONSE = "crm_bad_response"
     HANGUP = "hangup"
     CONFIG_ERROR = "config_error"
+
+    @property
+    def is_failover(self) -> bool:
+        """The CRM could not decide: the call goes to the node's `on_error`, else its
+        `on_not_identified` (source `failover`). DESIGN.md §2 gives these outcomes, and only
+        these, the default destination "`on_error` or else `on_not_identified`";
+        `config_error` also has source `failover` but goes to the gateway-wide fallback."""
+        return self in _FAILOVER_OUTCOMES
 
 
 class Source(StrEnum):
@@ -75,12 +89,70 @@ class ErrorCode(StrEnum):
 
     @property
     def outcome(self) -> Outcome:
-        return _ERROR_OUTCOMES.get(self, Outcome.CRM_ERROR)
+        """The call outcome this error leads to: always a failover (`Outcome.is_failover`)."""
+        return _ERROR_OUTCOMES[self]
+
+    @property
+    def is_crm_result(self) -> bool:
+        """Asking the CRM ended this way (an HTTP attempt, or the breaker refusing one): a
+        `result` of `callerid_crm_requests_total`. The others are the resolver's own."""
+        return self not in _RESOLVER_ERRORS
 
 
-_ERROR_OUTCOMES = {
+class CacheLookup(StrEnum):
+    """What a read of the answer cache found: the `result` label of the cache_lookups metrics."""
+
+    HIT = "hit"
+    MISS = "miss"
+    """No answer, or one the node no longer accepts (its configuration changed since)."""
+    ERROR = "error"
+    """The backend failed or was too slow; the request goes on without the cache."""
+    SKIPPED = "skipped"
+    """Not read: the gateway reads only while enough recent requests were in the cache."""
+
+    @property
+    def read(self) -> bool:
+        """The cache was read. A resolver always reads, so it never counts SKIPPED."""
+        return self is not CacheLookup.SKIPPED
+
+
+class CircuitState(StrEnum):
+    """A CRM's circuit breaker state (crm_resolver.circuit)."""
+
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+    @property
+    def level(self) -> int:
+        """The value of the `callerid_crm_circuit_state` gauge: 0 closed, 1 half-open, 2 open."""
+        return _CIRCUIT_LEVELS[self]
+
+
+# The tables behind the properties; tests/unit/test_vocabulary.py checks each is complete.
+
+_FAILOVER_OUTCOMES = frozenset({Outcome.CRM_TIMEOUT, Outcome.CRM_ERROR, Outcome.CRM_BAD_RESPONSE})
+
+# Every error code's outcome, after DESIGN.md §2's "when" column: no answer in time is
+# crm_timeout, an answer the node cannot use is crm_bad_response, everything else crm_error.
+_ERROR_OUTCOMES: dict[ErrorCode, Outcome] = {
     ErrorCode.CRM_TIMEOUT: Outcome.CRM_TIMEOUT,
-    ErrorCode.EXPIRED: Outcome.CRM_TIMEOUT,
+    ErrorCode.CRM_UNREACHABLE: Outcome.CRM_ERROR,
+    ErrorCode.CRM_HTTP_STATUS: Outcome.CRM_ERROR,
+    ErrorCode.CRM_STATUS_FAIL: Outcome.CRM_ERROR,
+    ErrorCode.CRM_CIRCUIT_OPEN: Outcome.CRM_ERROR,
     ErrorCode.CRM_BAD_RESPONSE: Outcome.CRM_BAD_RESPONSE,
     ErrorCode.CRM_DISALLOWED_DESTINATION: Outcome.CRM_BAD_RESPONSE,
+    ErrorCode.EXPIRED: Outcome.CRM_TIMEOUT,
+    ErrorCode.UNKNOWN_NODE: Outcome.CRM_ERROR,
+    ErrorCode.INTERNAL: Outcome.CRM_ERROR,
+}
+
+# Error codes a resolver gives without asking the CRM: not CRM request results.
+_RESOLVER_ERRORS = frozenset({ErrorCode.EXPIRED, ErrorCode.UNKNOWN_NODE, ErrorCode.INTERNAL})
+
+_CIRCUIT_LEVELS: dict[CircuitState, int] = {
+    CircuitState.CLOSED: 0,
+    CircuitState.HALF_OPEN: 1,
+    CircuitState.OPEN: 2,
 }

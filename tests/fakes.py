@@ -5,37 +5,25 @@
 - `FakeCrm`: a `CrmClient` that records every call and answers from a script. It can be
   held at a gate (to keep calls in flight) and can make time pass on a `FakeClock` (to play a
   slow CRM without sleeping): a scripted `CrmTimeout` uses up the whole budget it was given.
-- `RecordingCache`: the real `MemoryCache`, recording every `put`, and breakable (every read
-  then reports `CacheMiss.ERROR`, every write is dropped), as a failing Redis would.
-- `FakeFlights`: a `FlightLock` over a cache, with what the Redis adapter promises (a lease
-  only while no answer is cached; the lock expires on the given clock; `settle` stores the
-  answer with the cache's `put`, then releases the lock only if it is still its lease's).
-  Several resolvers handed one `FakeFlights` and one cache behave like resolver processes
-  sharing Redis. Breakable; `on_lead`, `on_peek` and `on_settle` run before every lead, look
-  and settle (to move a fake clock, let "another process" act, or hold a settle, at a known
-  point without sleeping).
+- `RecordingCache`: the real `MemoryCache` (answers and flight lock), recording every answer
+  written to it (`puts`: by `put`, or by a `settle` that stores one), and breakable: every
+  `fetch` then reports `CacheMiss.ERROR`, every `lead` and `peek` `Flight.ERROR`, every write
+  and settle is dropped (its lock then expires by itself), as a Redis that is down does.
+  tests/integration/test_cache_contract.py runs the same cases against it and real Redis.
+  Several resolvers handed one cache behave like resolver processes sharing Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from crm_resolver.memory_cache import MemoryCache
-from crm_resolver.ports import (
-    Cache,
-    CacheMiss,
-    CallContext,
-    CrmAnswer,
-    CrmTimeout,
-    Flight,
-    Lease,
-)
+from crm_resolver.ports import CacheMiss, CallContext, CrmAnswer, CrmTimeout, Flight, Lease
 from shared.destination import Destination
 from shared.nodes import NodeConfig
 from shared.outcomes import Interaction, Verdict
@@ -144,65 +132,23 @@ class RecordingCache(MemoryCache):
         if not self.broken:
             await super().put(node_id, customer_id, answer, ttl)
 
-
-class FakeFlights:
-    def __init__(self, cache: Cache, clock: Callable[[], float] = time.monotonic) -> None:
-        self.cache = cache
-        self.clock = clock
-        self.broken = False
-        self.on_lead: Callable[[], Awaitable[None]] | None = None
-        self.on_peek: Callable[[], Awaitable[None]] | None = None
-        self.on_settle: Callable[[], Awaitable[None]] | None = None
-        self.leads: list[tuple[str, str, float]] = []
-        self.settled: list[tuple[Lease, CrmAnswer | None, float]] = []
-        self.peeks = 0
-        # (node id, customer id) → (token, expires at)
-        self.locks: dict[tuple[str, str], tuple[str, float]] = {}
-        self._tokens = itertools.count(1)
-
-    def hold(self, node_id: str, customer_id: str, ttl: float) -> Lease:
-        """Take the lock as "another process" would (one that may never release it)."""
-        lease = Lease(node_id, customer_id, f"other-{next(self._tokens)}")
-        self.locks[(node_id, customer_id)] = (lease.token, self.clock() + ttl)
-        return lease
-
-    def held(self, node_id: str, customer_id: str) -> bool:
-        lock = self.locks.get((node_id, customer_id))
-        return lock is not None and lock[1] > self.clock()
-
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
-        self.leads.append((node_id, customer_id, ttl))
-        if self.on_lead is not None:
-            await self.on_lead()
-        found = await self.cache.fetch(node_id, customer_id)
-        if self.broken or found is CacheMiss.ERROR:
+        if self.broken:
             return Flight.ERROR
-        if isinstance(found, CrmAnswer):
-            return found
-        if self.held(node_id, customer_id):
-            return Flight.HELD
-        lease = Lease(node_id, customer_id, f"t{next(self._tokens)}")
-        self.locks[(node_id, customer_id)] = (lease.token, self.clock() + ttl)
-        return lease
+        return await super().lead(node_id, customer_id, ttl)
 
     async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
-        self.peeks += 1
-        if self.on_peek is not None:
-            await self.on_peek()
-        found = await self.cache.fetch(node_id, customer_id)
-        if self.broken or found is CacheMiss.ERROR:
+        if self.broken:
             return Flight.ERROR
-        if isinstance(found, CrmAnswer):
-            return found
-        return Flight.HELD if self.held(node_id, customer_id) else Flight.FREE
+        return await super().peek(node_id, customer_id)
 
-    async def settle(self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0) -> None:
-        if self.on_settle is not None:
-            await self.on_settle()
-        self.settled.append((lease, answer, ttl))
+    def settle(
+        self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0
+    ) -> asyncio.Future[None]:
         if answer is not None and ttl > 0:
-            await self.cache.put(lease.node_id, lease.customer_id, answer, ttl)
-        key = (lease.node_id, lease.customer_id)
-        lock = self.locks.get(key)
-        if lock is not None and lock[0] == lease.token:
-            del self.locks[key]
+            self.puts.append((lease.node_id, lease.customer_id, answer, ttl))
+        if not self.broken:
+            return super().settle(lease, answer, ttl)
+        dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        dropped.set_result(None)
+        return dropped

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from agi_gateway.cache_first import LEARN_WEIGHT, READ_ABOVE, CacheFirstIdentifier
 from agi_gateway.metrics import GatewayMetrics
 from crm_resolver.app import build_cache
-from crm_resolver.ports import CacheMiss, CrmAnswer
+from shared.crm_answer import CrmAnswer
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
-from shared.outcomes import Interaction, Source, Verdict
+from shared.outcomes import CacheLookup, Interaction, Source, Verdict
 from shared.settings import CommonSettings
 from tests import fakes
 from tests.fakes import FALSE, TRUE, RecordingCache, destination
@@ -48,7 +48,7 @@ class CountingCache(RecordingCache):
         super().__init__(broken=broken)
         self.fetches = 0
 
-    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
+    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheLookup:
         self.fetches += 1
         return await super().fetch(node_id, customer_id)
 
@@ -207,7 +207,7 @@ async def test_a_stalled_redis_holds_each_read_at_most_the_cache_timeout(tmp_pat
             metrics = GatewayMetrics(CollectorRegistry())
             nodes = NodeSet([make_node()])
             identifier = CacheFirstIdentifier(inner, cache, lambda: nodes, metrics.cache_lookups)
-            assert await cache.fetch("1", "1") is CacheMiss.MISS  # connected before the stall
+            assert await cache.fetch("1", "1") is CacheLookup.MISS  # connected before the stall
             server.pause()
 
             async def timed(n: int) -> tuple[IdentifyReply, float]:

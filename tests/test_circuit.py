@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from crm_resolver.circuit import Attempt, BreakerRegistry, CircuitBreaker, CircuitState
+from crm_resolver.circuit import Attempt, BreakerRegistry, CircuitBreaker
+from shared.outcomes import CircuitState
 from tests.fakes import FakeClock
 
 
@@ -169,4 +170,6 @@ def test_registry_one_breaker_per_url_and_reports_changes() -> None:
         ("http://a/", "half_open"),
         ("http://a/", "closed"),
     ]
+    # The words are the shared vocabulary's members (the metric and logs use the same).
+    assert all(type(state) is CircuitState for _, state in changes)
     assert registry.states() == {"http://a/": "closed", "http://b/": "closed"}

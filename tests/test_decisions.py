@@ -55,26 +55,21 @@ def test_optional_destinations_are_used_when_set() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("code", "outcome"),
-    [
-        (ErrorCode.CRM_TIMEOUT, Outcome.CRM_TIMEOUT),
-        (ErrorCode.EXPIRED, Outcome.CRM_TIMEOUT),
-        (ErrorCode.CRM_UNREACHABLE, Outcome.CRM_ERROR),
-        (ErrorCode.CRM_HTTP_STATUS, Outcome.CRM_ERROR),
-        (ErrorCode.CRM_STATUS_FAIL, Outcome.CRM_ERROR),
-        (ErrorCode.CRM_CIRCUIT_OPEN, Outcome.CRM_ERROR),
-        (ErrorCode.CRM_BAD_RESPONSE, Outcome.CRM_BAD_RESPONSE),
-        (ErrorCode.CRM_DISALLOWED_DESTINATION, Outcome.CRM_BAD_RESPONSE),
-        (ErrorCode.UNKNOWN_NODE, Outcome.CRM_ERROR),
-        (ErrorCode.INTERNAL, Outcome.CRM_ERROR),
-    ],
-)
-def test_every_error_code_maps_to_one_outcome(code: ErrorCode, outcome: Outcome) -> None:
-    """Each resolver error code becomes exactly one failover outcome."""
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_error_code_fails_over_with_its_outcome(code: ErrorCode) -> None:
+    """Each resolver error code becomes its one failover outcome (the table is
+    `ErrorCode.outcome`, pinned in tests/unit/test_vocabulary.py), routed to on_error."""
     decision = reply_decision(FULL, IdentifyReply.failure("r", code), "12")
-    assert (decision.outcome, decision.source) == (outcome, Source.FAILOVER)
+    assert (decision.outcome, decision.source) == (code.outcome, Source.FAILOVER)
+    assert decision.destination == FULL.on_error
     assert decision.customer_id == "12"
+
+
+@pytest.mark.parametrize("outcome", [o for o in Outcome if not o.is_failover])
+def test_only_failover_outcomes_fail_over(outcome: Outcome) -> None:
+    """A failover decision for an outcome that is not a failover is a bug, refused loudly."""
+    with pytest.raises(ValueError, match="not a failover outcome"):
+        failover_decision(FULL, outcome, "1")
 
 
 def test_verdicts() -> None:
@@ -107,6 +102,17 @@ def test_gateway_enforces_the_allow_list_too() -> None:
     decision = reply_decision(FULL, reply(Verdict.DESTINATION, "4,1"), "1")
     assert decision.outcome is Outcome.CRM_BAD_RESPONSE
     assert decision.destination == Destination(type=5, id=1)
+
+
+def test_gateway_judges_replies_by_the_resolvers_rule() -> None:
+    """A destination on a node that does not let the CRM route is a bad response at the
+    gateway too (shared.crm_answer.judge), though its type is allowed: the last hop before
+    Asterisk routes only what the resolver would have accepted."""
+    true_false = build_node({**BASE, "interaction": "crm_true_false", "on_error": "5,1"})
+    decision = reply_decision(true_false, reply(Verdict.DESTINATION, "1,3"), "1")
+    assert (decision.outcome, decision.source) == (Outcome.CRM_BAD_RESPONSE, Source.FAILOVER)
+    assert decision.destination == Destination(type=5, id=1)
+    assert reply_decision(true_false, reply(Verdict.TRUE), "1").outcome is Outcome.IDENTIFIED
 
 
 def test_local_entry_is_identified() -> None:

@@ -97,7 +97,7 @@ async def processes(
         registry = CollectorRegistry()
         metrics = ResolverMetrics(registry)
         metrics.init_nodes(NODES.names())
-        resolver = Resolver(lambda: NODES, crm, cache, metrics, flights=cache)
+        resolver = Resolver(lambda: NODES, crm, cache, metrics)
         made.append(Process(resolver, cache, crm, registry))
     yield made
     gate.set()
@@ -202,7 +202,7 @@ async def test_a_miss_costs_two_round_trips_a_hit_one_and_misses_in_a_row_share(
     crm = FakeCrm(default=destination(1, 7))
     metrics = ResolverMetrics(CollectorRegistry())
     metrics.init_nodes(NODES.names())
-    resolver = Resolver(lambda: NODES, crm, cache, metrics, flights=cache)
+    resolver = Resolver(lambda: NODES, crm, cache, metrics)
     try:
         # Connect, and load the scripts (NOSCRIPT, SCRIPT LOAD) if this Redis lacks them.
         await resolver(request("1", left=2.0))

@@ -1,5 +1,7 @@
-"""The Redis cache against the real Redis: formats, TTLs, purge, the flight lock, and failing
-open fast."""
+"""The Redis cache against the real Redis, in what is its own: key and value formats, TTLs in
+milliseconds, purge in batches, the flight lock's keys and batched settles, doubted locks, and
+failing open fast. What every cache adapter does alike (answers, leases, expiry, settles) is
+the contract, run against Redis and the memory cache: tests/integration/test_cache_contract.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from crm_resolver.ports import CacheMiss, CrmAnswer, Flight, Lease
+from crm_resolver.ports import CacheMiss, Flight, Lease
 from crm_resolver.redis_cache import RedisCache
 from tests.fakes import FALSE, TRUE, FakeClock, destination
 from tools.stack import Proc, redis_server
@@ -32,17 +34,6 @@ async def cache(
     )
     yield cache
     await cache.close()
-
-
-@pytest.mark.parametrize("answer", [TRUE, FALSE, destination(3, 42)])
-async def test_round_trip(cache: RedisCache, answer: CrmAnswer) -> None:
-    """What is put comes back equal; another customer or node is a miss."""
-    await cache.put("n1", "12345", answer, 60)
-    assert await cache.fetch("n1", "12345") == answer
-    assert await cache.fetch("n1", "12345") == answer
-    assert await cache.fetch("n1", "54321") is CacheMiss.MISS
-    assert await cache.fetch("n2", "12345") is CacheMiss.MISS
-    assert cache.errors == 0
 
 
 async def test_value_is_compact_json(cache: RedisCache, raw: redis.asyncio.Redis) -> None:
@@ -116,45 +107,27 @@ async def test_unreadable_value_is_an_error_not_an_answer(
     assert cache.errors == 2
 
 
-async def test_lead_grants_one_lease_with_the_ttl_given(
+async def test_a_lease_is_a_lock_key_set_with_px_of_the_ttl(
     cache: RedisCache, raw: redis.asyncio.Redis
 ) -> None:
-    """The first lead gets a lease (lock set with PX = ttl); while it holds, others are HELD
-    and peek says HELD; once settled without an answer (a plain release), peek says FREE and
-    the next lead gets a new lease."""
+    """A lease is the lock key holding the lease's token, with PX = ttl; a release deletes
+    it. (What leases, HELD and FREE mean is the contract: tests/integration/
+    test_cache_contract.py.)"""
     lease = await cache.lead("n1", "12345", 2.5)
     assert isinstance(lease, Lease)
-    assert 2_000 < await raw.pttl(cache.flight_key("n1", "12345")) <= 2_500
-    assert await cache.lead("n1", "12345", 2.5) is Flight.HELD
-    assert await cache.peek("n1", "12345") is Flight.HELD
-    assert isinstance(await cache.lead("n1", "other", 2.5), Lease)
+    key = cache.flight_key("n1", "12345")
+    assert await raw.get(key) == lease.token.encode()
+    assert 2_000 < await raw.pttl(key) <= 2_500
     await cache.settle(lease)
-    assert await cache.peek("n1", "12345") is Flight.FREE
-    again = await cache.lead("n1", "12345", 2.5)
-    assert isinstance(again, Lease)
-    assert again.token != lease.token
+    assert await raw.exists(key) == 0
     assert cache.errors == 0
-
-
-async def test_lead_returns_a_stored_answer_instead_of_a_lease(
-    cache: RedisCache, raw: redis.asyncio.Redis
-) -> None:
-    """With the answer cached, lead hands it back and takes no lock (no second CRM call);
-    peek returns the answer whether or not a lock is held."""
-    held = await cache.lead("n1", "1", 5)
-    assert isinstance(held, Lease)
-    await cache.put("n1", "1", destination(1, 3), 60)
-    assert await cache.peek("n1", "1") == destination(1, 3)
-    await cache.settle(held)
-    assert await cache.lead("n1", "1", 5) == destination(1, 3)
-    assert await raw.exists(cache.flight_key("n1", "1")) == 0
 
 
 async def test_settle_stores_the_answer_and_releases_the_lock_at_once(
     cache: RedisCache, raw: redis.asyncio.Redis
 ) -> None:
-    """settle with an answer: the answer is stored (compact JSON, PX = ttl) and the lock is
-    gone; peek and lead then return the answer."""
+    """settle with an answer: the answer is stored as `put` stores it (compact JSON, PX =
+    ttl) and the lock key is gone, in one script."""
     lease = await cache.lead("n1", "12345", 5)
     assert isinstance(lease, Lease)
     await cache.settle(lease, destination(1, 3), 12.5)
@@ -162,8 +135,6 @@ async def test_settle_stores_the_answer_and_releases_the_lock_at_once(
     assert await raw.get(key) == b'{"v":"destination","t":1,"i":3}'
     assert 12_000 < await raw.pttl(key) <= 12_500
     assert await raw.exists(cache.flight_key("n1", "12345")) == 0
-    assert await cache.peek("n1", "12345") == destination(1, 3)
-    assert await cache.lead("n1", "12345", 5) == destination(1, 3)
     assert cache.errors == 0
 
 
@@ -243,33 +214,6 @@ async def test_a_cancelled_lead_queues_its_settles_again(
         assert await raw.exists(cache.flight_key("n1", "7")) == 0
     finally:
         await cache.close()
-
-
-@pytest.mark.parametrize(("answer", "ttl"), [(None, 0.0), (TRUE, 0.0), (TRUE, 0.0001)])
-async def test_settle_with_nothing_to_cache_only_releases(
-    cache: RedisCache, raw: redis.asyncio.Redis, answer: CrmAnswer | None, ttl: float
-) -> None:
-    """No answer, or a TTL under 1 ms: nothing is stored, the lock goes, peek says FREE."""
-    lease = await cache.lead("n1", "12345", 5)
-    assert isinstance(lease, Lease)
-    await cache.settle(lease, answer, ttl)
-    assert await raw.exists(cache.key("n1", "12345"), cache.flight_key("n1", "12345")) == 0
-    assert await cache.peek("n1", "12345") is Flight.FREE
-    assert cache.errors == 0
-
-
-async def test_settle_only_deletes_its_own_lock(
-    cache: RedisCache, raw: redis.asyncio.Redis
-) -> None:
-    """A lease whose lock expired and was taken by another holder cannot release that one;
-    its answer, a real CRM answer, is still stored."""
-    stale = await cache.lead("n1", "7", 5)
-    assert isinstance(stale, Lease)
-    key = cache.flight_key("n1", "7")
-    await raw.set(key, b"another-holder", px=5_000)
-    await cache.settle(stale, FALSE, 60)
-    assert await raw.get(key) == b"another-holder"
-    assert await cache.fetch("n1", "7") == FALSE
 
 
 async def test_flight_key_hides_the_customer_id_and_has_its_own_prefix(

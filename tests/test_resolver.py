@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from crm_resolver.circuit import BreakerRegistry
-from crm_resolver.metrics import ResolverMetrics
+from crm_resolver.metrics import CACHE_RESULTS, ResolverMetrics
 from crm_resolver.ports import (
     CacheMiss,
     CrmAnswer,
@@ -23,6 +23,8 @@ from crm_resolver.ports import (
     CrmStatusFail,
     CrmTimeout,
     CrmUnreachable,
+    Flight,
+    Lease,
 )
 from crm_resolver.resolver import (
     FULL_ATTEMPT,
@@ -34,14 +36,13 @@ from crm_resolver.resolver import (
 from shared.destination import Destination
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeConfig, NodeSet
-from shared.outcomes import ErrorCode, Interaction, Source, Verdict
+from shared.outcomes import CircuitState, ErrorCode, Interaction, Source, Verdict
 from tests.fakes import (
     CRM_URL,
     FALSE,
     TRUE,
     FakeClock,
     FakeCrm,
-    FakeFlights,
     RecordingCache,
     destination,
     make_node,
@@ -50,13 +51,22 @@ from tests.fakes import (
 URL = CRM_URL
 
 
-class ReadCounter:
-    """The cache as a resolver sees it, counting that resolver's own reads (a `FakeFlights`
-    reads the cache underneath, uncounted: its reads are the flight lock's round trips)."""
+class ProcessView:
+    """The shared cache as one resolver "process" sees it (its own client, as with Redis):
+    what the calls do is the real `MemoryCache`'s (through `RecordingCache`); this records the
+    process's own calls and runs the test's hooks before every lead, peek and settle (to move
+    the fake clock, let "another process" act, or hold a settle, at a known point without
+    sleeping). "Another process" acting directly on the shared cache is not recorded."""
 
     def __init__(self, cache: RecordingCache) -> None:
         self.cache = cache
         self.fetches = 0
+        self.leads: list[tuple[str, str, float]] = []
+        self.peeks = 0
+        self.settled: list[tuple[Lease, CrmAnswer | None, float]] = []
+        self.on_lead: Callable[[], Awaitable[None]] | None = None
+        self.on_peek: Callable[[], Awaitable[None]] | None = None
+        self.on_settle: Callable[[], Awaitable[None]] | None = None
 
     async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
         self.fetches += 1
@@ -65,18 +75,48 @@ class ReadCounter:
     async def put(self, node_id: str, customer_id: str, answer: CrmAnswer, ttl: float) -> None:
         await self.cache.put(node_id, customer_id, answer, ttl)
 
+    async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
+        self.leads.append((node_id, customer_id, ttl))
+        if self.on_lead is not None:
+            await self.on_lead()
+        return await self.cache.lead(node_id, customer_id, ttl)
+
+    async def peek(self, node_id: str, customer_id: str) -> CrmAnswer | Flight:
+        self.peeks += 1
+        if self.on_peek is not None:
+            await self.on_peek()
+        return await self.cache.peek(node_id, customer_id)
+
+    def settle(
+        self, lease: Lease, answer: CrmAnswer | None = None, ttl: float = 0.0
+    ) -> Awaitable[None]:
+        if self.on_settle is None:  # as the memory cache does: at once
+            self.settled.append((lease, answer, ttl))
+            return self.cache.settle(lease, answer, ttl)
+        return self._hooked_settle(self.on_settle, lease, answer, ttl)
+
+    async def _hooked_settle(
+        self,
+        hook: Callable[[], Awaitable[None]],
+        lease: Lease,
+        answer: CrmAnswer | None,
+        ttl: float,
+    ) -> None:
+        await hook()
+        self.settled.append((lease, answer, ttl))
+        await self.cache.settle(lease, answer, ttl)
+
 
 @dataclass
 class Harness:
     resolver: Resolver
     crm: FakeCrm
     cache: RecordingCache
+    view: ProcessView
     clock: FakeClock
     breaker_clock: FakeClock
     registry: CollectorRegistry
-    reads: ReadCounter
-    flights: FakeFlights | None = None
-    nodes: NodeSet | None = None
+    nodes: NodeSet
     counter: list[int] = field(default_factory=lambda: [0])
 
     def request(
@@ -99,35 +139,38 @@ class Harness:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    async def other_holds(self, ttl: float, customer_id: str = "12345") -> Lease:
+        """Take the lookup's lock as another process would (one that may never let go)."""
+        lease = await self.cache.lead("1", customer_id, ttl)
+        assert isinstance(lease, Lease)
+        return lease
+
     def peer(self) -> Harness:
-        """Another resolver "process" on the same CRM, cache, flight lock and clock, with its
-        own metrics and breakers (request ids stay unique across the two)."""
+        """Another resolver "process" on the same CRM, cache and clock, with its own view of
+        the cache, metrics and breakers (request ids stay unique across the two)."""
         registry = CollectorRegistry()
         metrics = ResolverMetrics(registry)
-        assert self.nodes is not None
         node_set = self.nodes
         metrics.init_nodes(node_set.names())
-        reads = ReadCounter(self.cache)
+        view = ProcessView(self.cache)
         resolver = Resolver(
             lambda: node_set,
             self.crm,
-            reads,
+            view,
             metrics,
             clock=self.clock,
             breakers=BreakerRegistry(clock=self.breaker_clock),
             jitter=lambda ttl: ttl,
-            flights=self.flights,
             flight_poll=0,
         )
         return Harness(
             resolver,
             self.crm,
             self.cache,
+            view,
             self.clock,
             self.breaker_clock,
             registry,
-            reads,
-            self.flights,
             node_set,
             self.counter,
         )
@@ -142,7 +185,6 @@ def harness(
     retry: bool = True,
     broken_cache: bool = False,
     failure_threshold: int = 5,
-    flights: bool = False,
     close_timeout: float = 1.0,
 ) -> Harness:
     clock = FakeClock()
@@ -153,27 +195,23 @@ def harness(
     metrics.init_nodes(node_set.names())
     crm = FakeCrm(results or (), default=default, clock=clock, takes=takes)
     cache = RecordingCache(broken=broken_cache, clock=clock)
-    reads = ReadCounter(cache)
-    flight_lock = FakeFlights(cache, clock) if flights else None
+    view = ProcessView(cache)
     breakers = BreakerRegistry(
         failure_threshold=failure_threshold, reset_after=5.0, clock=breaker_clock
     )
     resolver = Resolver(
         lambda: node_set,
         crm,
-        reads,
+        view,
         metrics,
         clock=clock,
         breakers=breakers,
         retry=retry,
         jitter=lambda ttl: ttl,
-        flights=flight_lock,
         flight_poll=0,
         close_timeout=close_timeout,
     )
-    return Harness(
-        resolver, crm, cache, clock, breaker_clock, registry, reads, flight_lock, node_set
-    )
+    return Harness(resolver, crm, cache, view, clock, breaker_clock, registry, node_set)
 
 
 # --- verdicts -------------------------------------------------------------------------------
@@ -281,6 +319,20 @@ async def test_true_false_node_given_a_destination_is_a_bad_response() -> None:
     assert h.cache.puts == []
 
 
+async def test_true_where_the_node_has_no_identified_destination_is_a_bad_response() -> None:
+    """A crm_destination node saved without on_identified has nowhere to route "true": the
+    resolver judges it as the gateway does (shared.crm_answer.judge), crm_bad_response, counted
+    as such and not cached; "false" and destinations still pass."""
+    routed_by_crm = make_node(on_identified=None, cache_ttl_positive=300, cache_ttl_negative=60)
+    h = harness([TRUE, FALSE, destination(1, 3)], nodes=[routed_by_crm])
+    assert (await h.ask("1")).error is ErrorCode.CRM_BAD_RESPONSE
+    assert (await h.ask("2")).verdict is Verdict.FALSE
+    assert (await h.ask("3")).verdict is Verdict.DESTINATION
+    assert h.sample("callerid_crm_requests_total", node="gold", result="crm_bad_response") == 1
+    assert h.sample("callerid_crm_requests_total", node="gold", result="true") == 0
+    assert [put[1] for put in h.cache.puts] == ["2", "3"]
+
+
 # --- deadline ---------------------------------------------------------------------------------
 
 
@@ -291,8 +343,8 @@ async def test_expired_request_touches_neither_cache_nor_crm() -> None:
     assert reply.error is ErrorCode.EXPIRED
     assert h.crm.calls == []
     assert h.sample("callerid_expired_requests_total", node="gold") == 1
-    for result in ("hit", "miss", "error"):
-        assert h.sample("callerid_cache_lookups_total", node="gold", result=result) == 0
+    for result in CACHE_RESULTS:
+        assert h.sample("callerid_cache_lookups_total", node="gold", result=result.value) == 0
 
 
 async def test_joiner_gives_up_at_its_own_deadline() -> None:
@@ -422,6 +474,9 @@ async def test_different_customers_are_not_merged() -> None:
 
 
 # --- merging across resolver processes (flight lock) -------------------------------------------
+# Two `Harness`es from `peer()` are two resolver processes sharing one cache, as resolver
+# processes share Redis; the memory cache's flight lock follows the Redis adapter's rules
+# (tests/integration/test_cache_contract.py runs the same cases against both).
 
 
 def _event_hook(event: asyncio.Event) -> Callable[[], Awaitable[None]]:
@@ -435,12 +490,11 @@ async def _a_asks_while_b_waits(
     a: Harness, b: Harness
 ) -> tuple[asyncio.Event, asyncio.Task[IdentifyReply], asyncio.Task[IdentifyReply]]:
     """A asks the CRM (held at its gate), and B, another process, is waiting on A's lock."""
-    assert a.flights is not None
     gate = a.crm.hold()
     first = asyncio.create_task(a.ask())
     await a.crm.entered.wait()
     waiting = asyncio.Event()
-    a.flights.on_peek = _event_hook(waiting)
+    b.view.on_peek = _event_hook(waiting)
     second = asyncio.create_task(b.ask())
     async with asyncio.timeout(5):  # B never waiting means it did not see A's lock
         await waiting.wait()
@@ -468,36 +522,34 @@ async def test_a_miss_takes_the_flight_lock_for_the_budget_and_releases_it() -> 
     """On a miss the CRM is asked while holding the lookup's lock, taken for the time left
     plus LOCK_MARGIN by the one `lead` that was also the cache read (no separate read), and
     given back with the answer stored, by one `settle`."""
-    h = harness(flights=True)
-    assert h.flights is not None
+    h = harness()
     gate = h.crm.hold()
     task = asyncio.create_task(h.ask("777", left=3.0))
     await h.crm.entered.wait()
-    assert h.flights.held("1", "777")
+    assert h.cache.locked("1", "777")
     assert h.cache.puts == []
     gate.set()
     reply = await task
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     await h.resolver.close()
-    ((node_id, customer_id, ttl),) = h.flights.leads
+    ((node_id, customer_id, ttl),) = h.view.leads
     assert (node_id, customer_id) == ("1", "777")
     assert ttl == pytest.approx(3.0 + LOCK_MARGIN)
-    assert h.reads.fetches == 0
-    ((lease, answer, answer_ttl),) = h.flights.settled
+    assert h.view.fetches == 0
+    ((lease, answer, answer_ttl),) = h.view.settled
     assert (lease.customer_id, answer, answer_ttl) == ("777", TRUE, 300.0)
-    assert h.flights.locks == {}
+    assert not h.cache.locked("1", "777")
     assert h.cache.puts == [("1", "777", TRUE, 300.0)]
     assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 0
     assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
 
-async def test_with_the_lock_a_hit_is_one_lead_and_no_other_round_trip() -> None:
-    """With a flight lock a cached answer comes back from the one `lead`: no separate cache
-    read, no lock taken, no settle; counted as a hit, not merged. A node with both TTLs 0
-    neither reads the cache nor touches the lock."""
-    h = harness(flights=True)
-    assert h.flights is not None
+async def test_a_hit_is_one_lead_and_no_other_cache_call() -> None:
+    """A cached answer comes back from the one `lead`: no separate cache read, no lock
+    taken, no settle; counted as a hit, not merged. A node with both TTLs 0 neither reads
+    the cache nor touches the lock."""
+    h = harness()
     await h.cache.put("1", "12345", destination(1, 9), 60)
     reply = await h.ask()
     assert (reply.destination, reply.source, reply.crm_ms) == (
@@ -505,70 +557,68 @@ async def test_with_the_lock_a_hit_is_one_lead_and_no_other_round_trip() -> None
         Source.CACHE,
         None,
     )
-    assert len(h.flights.leads) == 1
-    assert h.reads.fetches == 0
+    assert len(h.view.leads) == 1
+    assert h.view.fetches == 0
     await h.resolver.close()
-    assert h.flights.settled == []
-    assert h.flights.locks == {}
+    assert h.view.settled == []
+    assert not h.cache.locked("1", "12345")
     assert h.crm.calls == []
     assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 0
     assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
-    u = harness(flights=True, nodes=[make_node(cache_ttl_positive=0, cache_ttl_negative=0)])
-    assert u.flights is not None
+    u = harness(nodes=[make_node(cache_ttl_positive=0, cache_ttl_negative=0)])
     await u.ask()
-    assert u.flights.leads == []
-    assert u.reads.fetches == 0
+    assert u.view.leads == []
+    assert u.view.fetches == 0
     assert len(u.crm.calls) == 1
 
 
-async def test_without_a_lock_the_cache_is_read_first_as_before() -> None:
-    """Without a flight lock (memory cache, embedded) a request reads the cache itself, and
-    a miss stores the answer before its reply: the next request hits."""
+async def test_the_memory_cache_settles_before_the_reply() -> None:
+    """The in-process cache carries a settle out at once: a miss has stored its answer and
+    released its lock by the time its reply is returned, and the next request hits."""
     h = harness()
     assert (await h.ask()).source is Source.CRM
     assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
+    assert not h.cache.locked("1", "12345")
     assert (await h.ask()).source is Source.CACHE
-    assert h.reads.fetches == 2
+    assert h.view.fetches == 0
 
 
 async def test_identical_hits_in_flight_share_one_lead() -> None:
     """Identical requests arriving while a `lead` is in flight join it: one round trip for
     all, each counted as a hit (and none as merged: a hit saves no CRM call)."""
-    h = harness(flights=True)
-    assert h.flights is not None
+    h = harness()
     await h.cache.put("1", "12345", FALSE, 60)
     entered, gate = asyncio.Event(), asyncio.Event()
-    h.flights.on_lead = _gate_hook(entered, gate)
+    h.view.on_lead = _gate_hook(entered, gate)
     tasks = [asyncio.create_task(h.ask()) for _ in range(5)]
     await entered.wait()
     gate.set()
     replies = await asyncio.gather(*tasks)
     assert {(r.verdict, r.source) for r in replies} == {(Verdict.FALSE, Source.CACHE)}
-    assert len(h.flights.leads) == 1
+    assert len(h.view.leads) == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 5
     assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
 
 async def test_the_reply_does_not_wait_for_the_store_and_release() -> None:
-    """The reply is returned while the `settle` (store + release) is still running; a lookup
-    arriving meanwhile finds the lock held and gets the answer by polling once it is stored
-    (merged); close() waits for the settle."""
-    h = harness(flights=True)
-    assert h.flights is not None
+    """The reply is returned while the `settle` (store + release) is still running (as with
+    Redis); a lookup arriving meanwhile finds the lock held and gets the answer by polling
+    once it is stored (merged); close() waits for the settle."""
+    h = harness()
     settling, gate = asyncio.Event(), asyncio.Event()
-    h.flights.on_settle = _gate_hook(settling, gate)
+    h.view.on_settle = _gate_hook(settling, gate)
 
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     await settling.wait()
     assert not gate.is_set()
-    assert h.flights.held("1", "12345")
+    assert h.cache.locked("1", "12345")
     assert h.cache.puts == []
 
     polling = asyncio.Event()
-    h.flights.on_peek = _event_hook(polling)
+    h.view.on_peek = _event_hook(polling)
     later = asyncio.create_task(h.ask())
     await polling.wait()
     assert not later.done()
@@ -581,37 +631,35 @@ async def test_the_reply_does_not_wait_for_the_store_and_release() -> None:
 
     await h.resolver.close()
     assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
-    assert h.flights.locks == {}
+    assert not h.cache.locked("1", "12345")
 
 
 async def test_close_waits_for_a_store_still_running() -> None:
     """close() returns only once a settle still running after its reply has ended."""
-    h = harness(flights=True)
-    assert h.flights is not None
+    h = harness()
     settling, gate = asyncio.Event(), asyncio.Event()
-    h.flights.on_settle = _gate_hook(settling, gate)
+    h.view.on_settle = _gate_hook(settling, gate)
     await h.ask()
     await settling.wait()
     gate.set()  # the settle can go on now, but only once this test yields to the loop
     await h.resolver.close()
     assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
-    assert h.flights.locks == {}
+    assert not h.cache.locked("1", "12345")
 
 
 async def test_close_gives_up_on_a_store_that_never_ends(caplog: pytest.LogCaptureFixture) -> None:
     """A settle stuck past close_timeout is cancelled (the lock then expires by itself) and
     close() returns, with a warning."""
-    h = harness(flights=True, close_timeout=0.01)
-    assert h.flights is not None
+    h = harness(close_timeout=0.01)
     settling, never = asyncio.Event(), asyncio.Event()
-    h.flights.on_settle = _gate_hook(settling, never)
+    h.view.on_settle = _gate_hook(settling, never)
     await h.ask()
     await settling.wait()
     with caplog.at_level(logging.WARNING, logger="crm_resolver.resolver"):
         async with asyncio.timeout(5):
             await h.resolver.close()
-    assert h.flights.settled == []
-    assert h.flights.held("1", "12345")
+    assert h.view.settled == []
+    assert h.cache.locked("1", "12345")
     assert "cache writes unfinished at close" in caplog.text
 
 
@@ -620,13 +668,12 @@ async def test_a_failing_store_after_the_reply_is_logged_never_raised(
 ) -> None:
     """An exception from a settle running after the reply (a bug: adapters fail open) does
     not reach the caller nor close(); it is logged as an error."""
-    h = harness(flights=True)
-    assert h.flights is not None
+    h = harness()
 
     async def broken() -> None:
         raise RuntimeError("bug in the adapter")
 
-    h.flights.on_settle = broken
+    h.view.on_settle = broken
     with caplog.at_level(logging.ERROR, logger="crm_resolver.resolver"):
         reply = await h.ask()
         await h.resolver.close()
@@ -639,8 +686,7 @@ async def test_a_failing_store_after_the_reply_is_logged_never_raised(
 async def test_another_process_holding_the_lock_is_waited_for_and_its_answer_served() -> None:
     """While resolver A asks the CRM, resolver B (another process) does not: it waits and
     replies A's answer from the cache, counted as merged. One CRM call in all."""
-    a = harness([destination(1, 9)], flights=True)
-    assert a.flights is not None
+    a = harness([destination(1, 9)])
     b = a.peer()
     gate, first, second = await _a_asks_while_b_waits(a, b)
     assert len(a.crm.calls) == 1
@@ -655,14 +701,14 @@ async def test_another_process_holding_the_lock_is_waited_for_and_its_answer_ser
     assert b.sample("callerid_crm_requests_total", node="gold", result="destination") == 0
     await a.resolver.close()
     await b.resolver.close()
-    assert [answer for _, answer, _ in a.flights.settled] == [destination(1, 9)]
+    assert [answer for _, answer, _ in a.view.settled] == [destination(1, 9)]
+    assert b.view.settled == []
 
 
 async def test_lock_released_without_an_answer_means_the_waiter_asks_itself() -> None:
     """A's CRM call fails (errors are not cached) and A lets go, storing nothing: B, which
     was waiting, takes the lock and asks the CRM itself, once, and gets the CRM's answer."""
-    a = harness([CrmStatusFail("fail")], flights=True)
-    assert a.flights is not None
+    a = harness([CrmStatusFail("fail")])
     b = a.peer()
     gate, first, second = await _a_asks_while_b_waits(a, b)
     gate.set()
@@ -672,23 +718,23 @@ async def test_lock_released_without_an_answer_means_the_waiter_asks_itself() ->
     await a.resolver.close()
     await b.resolver.close()
     assert len(a.crm.calls) == 2
-    assert len(a.flights.leads) == 3  # A once; B found it held, then took it
-    assert [(answer, ttl) for _, answer, ttl in a.flights.settled] == [(None, 0.0), (TRUE, 300.0)]
-    assert a.flights.locks == {}
+    assert (len(a.view.leads), len(b.view.leads)) == (1, 2)  # B found it held, then took it
+    assert [(answer, ttl) for _, answer, ttl in a.view.settled] == [(None, 0.0)]
+    assert [(answer, ttl) for _, answer, ttl in b.view.settled] == [(TRUE, 300.0)]
+    assert not a.cache.locked("1", "12345")
     assert b.sample("callerid_crm_lookups_merged_total", node="gold") == 0
 
 
 async def test_a_dead_holder_delays_the_others_only_until_its_lock_expires() -> None:
     """A lock nobody will release (its holder was killed) expires after its TTL; then the
     waiter takes it and asks the CRM, within its own budget."""
-    h = harness(flights=True)
-    assert h.flights is not None
-    h.flights.hold("1", "12345", ttl=0.5)
-    h.flights.on_peek = _tick_hook(h.clock, 0.125)
+    h = harness()
+    await h.other_holds(ttl=0.5)
+    h.view.on_peek = _tick_hook(h.clock, 0.125)
     start = h.clock()
     reply = await h.ask(left=4.0)
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
-    assert h.flights.peeks == 4
+    assert h.view.peeks == 4
     assert h.clock() - start == 0.5
     assert h.crm.calls[0].budget == 3.5
 
@@ -696,22 +742,23 @@ async def test_a_dead_holder_delays_the_others_only_until_its_lock_expires() -> 
 async def test_deadline_passing_while_waiting_for_another_process_is_crm_timeout() -> None:
     """A waiter whose deadline passes before the holder answers replies crm_timeout, without
     asking the CRM and without taking the holder's lock; its lookup counts as a miss."""
-    h = harness(flights=True)
-    assert h.flights is not None
-    other = h.flights.hold("1", "12345", ttl=30)
-    h.flights.on_peek = _tick_hook(h.clock, 0.25)
+    h = harness()
+    other = await h.other_holds(ttl=30)
+    h.view.on_peek = _tick_hook(h.clock, 0.25)
     reply = await h.ask(left=1.0)
     assert reply.error is ErrorCode.CRM_TIMEOUT
     assert h.crm.calls == []
-    assert h.flights.peeks == 4
-    assert h.flights.locks[("1", "12345")][0] == other.token
+    assert h.view.peeks == 4
     assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
+    assert h.cache.locked("1", "12345")
+    await h.cache.settle(other)  # still the other's lock: its lease releases it
+    assert not h.cache.locked("1", "12345")
 
 
 async def test_a_request_giving_up_before_its_shared_lookup_ends_counts_a_miss() -> None:
     """A caller that joined a longer shared lookup and gives up at its own deadline is
     counted once, as a miss (it was not answered from the cache)."""
-    h = harness(flights=True)
+    h = harness()
     gate = h.crm.hold()
     leader = asyncio.create_task(h.ask(left=30.0))
     await h.crm.entered.wait()
@@ -727,26 +774,23 @@ async def test_a_request_giving_up_before_its_shared_lookup_ends_counts_a_miss()
 async def test_answer_stored_after_the_lock_came_free_is_served_as_merged() -> None:
     """If another process stores the answer after this one saw its lock go (FREE), taking
     the lock returns that answer instead of a lease: no CRM call, counted miss and merged."""
-    h = harness(flights=True)
-    assert h.flights is not None
-    other = h.flights.hold("1", "12345", ttl=30)
+    h = harness()
+    other = await h.other_holds(ttl=30)
 
     async def other_lets_go() -> None:
-        assert h.flights is not None
-        del h.flights.locks[("1", other.customer_id)]
+        await h.cache.settle(other)
 
     async def other_answers_on_second_lead() -> None:
-        assert h.flights is not None
-        if len(h.flights.leads) == 2:
+        if len(h.view.leads) == 2:
             await h.cache.put("1", "12345", FALSE, 60)
 
-    h.flights.on_peek = other_lets_go
-    h.flights.on_lead = other_answers_on_second_lead
+    h.view.on_peek = other_lets_go
+    h.view.on_lead = other_answers_on_second_lead
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.FALSE, Source.CACHE)
     assert h.crm.calls == []
-    assert len(h.flights.leads) == 2
-    assert h.flights.locks == {}
+    assert len(h.view.leads) == 2
+    assert not h.cache.locked("1", "12345")
     assert h.sample("callerid_crm_lookups_merged_total", node="gold") == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 0
@@ -756,13 +800,14 @@ async def test_a_cached_answer_the_node_no_longer_accepts_is_a_miss_and_overwrit
     """`lead` returning an answer the node's config now refuses is a miss: the CRM is asked
     (without the lock, as the answer blocks it) and its answer overwrites the old one after
     the reply."""
-    h = harness(flights=True, nodes=[make_node(allowed_destination_types={1})])
-    assert h.flights is not None
+    h = harness(nodes=[make_node(allowed_destination_types={1})])
     await h.cache.put("1", "12345", destination(5, 1), 60)
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     await h.resolver.close()
     assert h.cache.puts[-1] == ("1", "12345", TRUE, 300.0)
+    assert await h.cache.fetch("1", "12345") == TRUE
+    assert h.view.settled == []
     assert h.sample("callerid_cache_lookups_total", node="gold", result="miss") == 1
     assert h.sample("callerid_cache_lookups_total", node="gold", result="hit") == 0
 
@@ -770,9 +815,7 @@ async def test_a_cached_answer_the_node_no_longer_accepts_is_a_miss_and_overwrit
 async def test_lock_backend_failure_fails_open_and_counts_as_a_cache_error() -> None:
     """When `lead` fails (Redis down) the request's lookup is an error (not also a miss), and
     the CRM is asked anyway; its answer is put after the reply."""
-    h = harness(flights=True)
-    assert h.flights is not None
-    h.flights.broken = True
+    h = harness(broken_cache=True)
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     assert len(h.crm.calls) == 1
@@ -780,21 +823,19 @@ async def test_lock_backend_failure_fails_open_and_counts_as_a_cache_error() -> 
     assert h.sample("callerid_cache_lookups_total", node="gold", result="error") == 1
     await h.resolver.close()
     assert h.cache.puts == [("1", "12345", TRUE, 300.0)]
-    assert h.flights.settled == []
+    assert h.view.settled == []
 
 
 async def test_backend_failure_while_waiting_fails_open() -> None:
     """Redis failing while waiting on another holder: stop waiting and ask the CRM; the
     request counts its lookup (a miss) and the failed round trip (an error)."""
-    h = harness(flights=True)
-    assert h.flights is not None
-    h.flights.hold("1", "12345", ttl=30)
+    h = harness()
+    await h.other_holds(ttl=30)
 
     async def breaks() -> None:
-        assert h.flights is not None
-        h.flights.broken = True
+        h.cache.broken = True
 
-    h.flights.on_peek = breaks
+    h.view.on_peek = breaks
     reply = await h.ask()
     assert (reply.verdict, reply.source) == (Verdict.TRUE, Source.CRM)
     assert len(h.crm.calls) == 1
@@ -805,16 +846,15 @@ async def test_backend_failure_while_waiting_fails_open() -> None:
 async def test_stopping_mid_call_still_releases_the_lock() -> None:
     """close() cancels a lock holder's CRM call; the lock is given back (storing nothing),
     not left to expire, before close() returns."""
-    h = harness(flights=True)
-    assert h.flights is not None
+    h = harness()
     h.crm.hold()
     task = asyncio.create_task(h.ask())
     await h.crm.entered.wait()
     await h.resolver.close()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert [(answer, ttl) for _, answer, ttl in h.flights.settled] == [(None, 0.0)]
-    assert h.flights.locks == {}
+    assert [(answer, ttl) for _, answer, ttl in h.view.settled] == [(None, 0.0)]
+    assert not h.cache.locked("1", "12345")
 
 
 # --- retry ------------------------------------------------------------------------------------
@@ -987,15 +1027,14 @@ async def test_no_time_left_after_the_cache_contacts_no_crm_and_counts_nothing()
     answered crm_timeout without contacting the CRM: no CRM attempt is counted, and the
     breaker is not touched — here half-open, its one probe stays for the next request, which
     closes it."""
-    h = harness([CrmUnreachable("down")], retry=False, failure_threshold=1, flights=True)
-    assert h.flights is not None
+    h = harness([CrmUnreachable("down")], retry=False, failure_threshold=1)
     assert (await h.ask("1")).error is ErrorCode.CRM_UNREACHABLE
     h.breaker_clock.advance(5.0)  # half-open: the next allowed attempt is the probe
 
     async def slow_lead() -> None:
         h.clock.advance(1.5)
 
-    h.flights.on_lead = slow_lead
+    h.view.on_lead = slow_lead
     reply = await h.ask("2", left=1.0)
     assert reply.error is ErrorCode.CRM_TIMEOUT
     assert reply.crm_ms is None
@@ -1003,7 +1042,7 @@ async def test_no_time_left_after_the_cache_contacts_no_crm_and_counts_nothing()
     assert h.sample("callerid_crm_requests_total", node="gold", result="crm_timeout") == 0
     assert h.sample("callerid_crm_requests_total", node="gold", result="crm_circuit_open") == 0
 
-    h.flights.on_lead = None
+    h.view.on_lead = None
     assert (await h.ask("3")).verdict is Verdict.TRUE
     assert len(h.crm.calls) == 2
     assert h.sample("callerid_crm_circuit_state", node="gold") == 0
@@ -1054,3 +1093,16 @@ async def test_cancellation_propagates_and_in_flight_returns_to_zero() -> None:
     assert h.sample("callerid_resolver_in_flight") == 0
     gate.set()
     await h.resolver.close()
+
+
+async def test_circuit_state_gauge_follows_the_breaker() -> None:
+    """callerid_crm_circuit_state is the breaker state's level (CircuitState.level): 2 when
+    the CRM's circuit opens, 0 again once a probe succeeds."""
+    h = harness([CrmUnreachable("refused")], failure_threshold=1, retry=False)
+    gauge = "callerid_crm_circuit_state"
+    assert h.sample(gauge, node="gold") == CircuitState.CLOSED.level
+    assert (await h.ask("1")).error is ErrorCode.CRM_UNREACHABLE
+    assert h.sample(gauge, node="gold") == CircuitState.OPEN.level == 2
+    h.breaker_clock.advance(5.0)
+    assert (await h.ask("2")).verdict is Verdict.TRUE  # the probe
+    assert h.sample(gauge, node="gold") == CircuitState.CLOSED.level == 0

@@ -13,7 +13,7 @@ Rules:
 - Only nodes that ask the CRM and cache something (a TTL > 0) are looked up.
 - An answer the node no longer accepts (its config changed since it was cached) is a miss:
   the resolver asks the CRM again and overwrites it.
-- A cache failure (`CacheMiss.ERROR`: Redis down or slower than `CALLERID_CACHE_TIMEOUT`) is
+- A cache failure (`CacheLookup.ERROR`: Redis down or slower than `CALLERID_CACHE_TIMEOUT`) is
   counted and the request goes on to the resolver, so a dead or stalled Redis costs the call
   one bounded timeout, never the call. The read is one `fetch` of the cache `build_cache`
   made, which the Redis adapter bounds as a whole by that timeout, waiting for a connection
@@ -27,19 +27,24 @@ Rules:
   would have). Below `READ_ABOVE` the gateway stops reading (counted as `skipped`) until the
   resolvers' replies show repeats again. A node starts out read; a cache failure counts as not
   in the cache, so a dead Redis stops the reads until the resolvers find answers there again.
+
+The gateway knows the resolver's cache only as `AnswerReader`, and whether an answer is usable
+and what reply carries it from `shared.crm_answer`: nothing here comes from `crm_resolver`
+(tests/unit/test_gateway_imports.py), whose adapter the composition root (`agi_gateway.app`)
+passes in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import Counter
 
-from crm_resolver.ports import Cache, CacheMiss, CrmAnswer
-from crm_resolver.resolver import judge
+from shared.crm_answer import CrmAnswer, answer_reply, judge
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.nodes import NodeSet
-from shared.outcomes import Source
+from shared.outcomes import CacheLookup, Source
 from shared.ports import Identifier
 
 READ_ABOVE = 0.1
@@ -49,13 +54,22 @@ LEARN_WEIGHT = 1 / 64
 """Weight of each request in the moving average of that share (~the last 64 requests)."""
 
 
+class AnswerReader(Protocol):
+    """The one thing the gateway does with the answer cache (a resolver cache adapter)."""
+
+    async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheLookup:
+        """The cached answer, or CacheLookup.MISS, or .ERROR when the backend failed; never
+        raises."""
+        ...
+
+
 class CacheFirstIdentifier:
     """An `Identifier` that answers from `cache` when it can and asks `inner` otherwise."""
 
     def __init__(
         self,
         inner: Identifier,
-        cache: Cache,
+        cache: AnswerReader,
         nodes: Callable[[], NodeSet],
         lookups: Counter,
     ) -> None:
@@ -64,7 +78,7 @@ class CacheFirstIdentifier:
         self._nodes = nodes
         self._lookups = lookups
         # (node name, result) → counter child: label lookups are not free on the hot path.
-        self._children: dict[tuple[str, str], Counter] = {}
+        self._children: dict[tuple[str, CacheLookup], Counter] = {}
         # node id → moving average of "the answer was in the cache" (1: read; starts read).
         self._in_cache: dict[str, float] = {}
 
@@ -77,21 +91,18 @@ class CacheFirstIdentifier:
         if node is None or not node.caches:
             return await self._inner.identify(request)
         if self._in_cache.get(node.id, 1.0) < READ_ABOVE:
-            self._count(node.name, "skipped")
+            self._count(node.name, CacheLookup.SKIPPED)
             reply = await self._inner.identify(request)
             self._learn(node.id, reply.source is Source.CACHE)
             return reply
         found = await self._cache.fetch(node.id, request.customer_id)
-        if isinstance(found, CrmAnswer) and judge(node, found) is None:
-            self._count(node.name, "hit")
-            self._learn(node.id, True)
-            return IdentifyReply(
-                request_id=request.request_id,
-                verdict=found.verdict,
-                destination=found.destination,
-                source=Source.CACHE,
-            )
-        self._count(node.name, "error" if found is CacheMiss.ERROR else "miss")
+        if isinstance(found, CrmAnswer):
+            if judge(node, found) is None:
+                self._count(node.name, CacheLookup.HIT)
+                self._learn(node.id, True)
+                return answer_reply(request.request_id, found, Source.CACHE)
+            found = CacheLookup.MISS  # an answer the node no longer accepts
+        self._count(node.name, found)
         self._learn(node.id, False)
         return await self._inner.identify(request)
 
@@ -99,9 +110,9 @@ class CacheFirstIdentifier:
         share = self._in_cache.get(node_id, 1.0)
         self._in_cache[node_id] = share + LEARN_WEIGHT * (in_cache - share)
 
-    def _count(self, node_name: str, result: str) -> None:
+    def _count(self, node_name: str, result: CacheLookup) -> None:
         key = (node_name, result)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self._lookups.labels(node_name, result)
+            child = self._children[key] = self._lookups.labels(node_name, result.value)
         child.inc()

@@ -2,13 +2,16 @@
 
 Every way out of a node is built here, so the table in the design and the README has exactly
 one implementation: a local decision (no CRM), a CRM/cache reply, a failover when the
-identification RPC failed, a hang-up, and a configuration error.
+identification RPC failed, a hang-up, and a configuration error. Which answers a node accepts
+is `shared.crm_answer.judge`, the rule the resolver applies too; which outcomes are failovers
+is `Outcome.is_failover`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.crm_answer import judge
 from shared.destination import Destination
 from shared.messages import IdentifyReply
 from shared.nodes import NodeConfig
@@ -39,29 +42,28 @@ def no_entry_decision(node: NodeConfig, *, last_entry_invalid: bool) -> Decision
 
 def failover_decision(node: NodeConfig, outcome: Outcome, customer_id: str) -> Decision:
     """The CRM could not decide (timeout, error, bad answer): route to the error destination."""
+    if not outcome.is_failover:
+        raise ValueError(f"{outcome.value} is not a failover outcome")
     return Decision(outcome, Source.FAILOVER, node.on_error or node.on_not_identified, customer_id)
 
 
 def reply_decision(node: NodeConfig, reply: IdentifyReply, customer_id: str) -> Decision:
     """A resolver's reply, already validated as an envelope by the message model."""
-    if reply.verdict is Verdict.ERROR:
-        assert reply.error is not None  # guaranteed by IdentifyReply's validator
-        return failover_decision(node, reply.error.outcome, customer_id)
+    error = reply.error
+    if error is None:
+        # Defence in depth: the resolver judged the answer by the same rule, but the gateway
+        # is the last hop before Asterisk and must not route anywhere the node does not allow
+        # (nor a "true" where it has no "identified" destination).
+        error = judge(node, reply)
+    if error is not None:
+        return failover_decision(node, error.outcome, customer_id)
     if reply.verdict is Verdict.TRUE:
-        if node.on_identified is None:
-            # Only a crm_destination node may have no "identified" destination, and its CRM is
-            # meant to name one: a bare "true" there is an answer the node cannot route.
-            return failover_decision(node, Outcome.CRM_BAD_RESPONSE, customer_id)
+        assert node.on_identified is not None  # judge refuses a "true" the node cannot route
         return Decision(Outcome.IDENTIFIED, reply.source, node.on_identified, customer_id)
     if reply.verdict is Verdict.FALSE:
         return Decision(Outcome.NOT_IDENTIFIED, reply.source, node.on_not_identified, customer_id)
-    destination = reply.destination
-    assert destination is not None  # guaranteed by IdentifyReply's validator
-    # Defence in depth: the resolver enforces the allow-list too, but the gateway is the last
-    # hop before Asterisk and must not route anywhere the node does not allow.
-    if destination.type not in node.allowed_destination_types:
-        return failover_decision(node, Outcome.CRM_BAD_RESPONSE, customer_id)
-    return Decision(Outcome.CRM_DESTINATION, reply.source, destination, customer_id)
+    assert reply.destination is not None  # guaranteed by IdentifyReply's validator
+    return Decision(Outcome.CRM_DESTINATION, reply.source, reply.destination, customer_id)
 
 
 def hangup_decision(customer_id: str | None = None) -> Decision:

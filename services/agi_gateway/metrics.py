@@ -12,10 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agi_gateway.limits import Limit
 from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, zero_init
-from shared.outcomes import Outcome, Source
+from shared.outcomes import CacheLookup, Outcome, Source
 
 RPC_RESULTS = ("reply", "timeout", "unavailable")
-CACHE_RESULTS = ("hit", "miss", "error", "skipped")
 REJECTION_REASONS = (
     "over_capacity",
     "draining",
@@ -103,7 +102,7 @@ class GatewayMetrics:
             ((n, o.value, s.value) for n in names for o in Outcome for s in Source),
         )
         zero_init(self.identify_requests, ((n, r) for n in names for r in RPC_RESULTS))
-        zero_init(self.cache_lookups, ((n, r) for n in names for r in CACHE_RESULTS))
+        zero_init(self.cache_lookups, ((n, r.value) for n in names for r in CacheLookup))
         zero_init(self.identifications_limited, ((n, lim.value) for n in names for lim in Limit))
         zero_init(self.config_reloads, (("ok",), ("error",)))
         zero_init(

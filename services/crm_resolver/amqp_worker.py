@@ -56,8 +56,8 @@ from pydantic import ValidationError
 from crm_resolver.batch import Batch
 from crm_resolver.metrics import ResolverMetrics
 from shared.amqp_link import AmqpLink, writable
+from shared.answering import answer_request
 from shared.messages import IdentifyReply, IdentifyRequest
-from shared.outcomes import ErrorCode
 from shared.ports import RequestHandler
 from shared.topology import DEAD_REASON_HEADER, JSON, TRANSIENT, Topology
 
@@ -89,7 +89,6 @@ class AmqpWorker:
         self._handler = handler
         self._metrics = metrics
         self._topology = topology
-        self._prefetch = prefetch
         self._clock = clock
         self._node_label = node_label
         self._link = AmqpLink(
@@ -98,6 +97,7 @@ class AmqpWorker:
             reconnect_interval=reconnect_interval,
             topology=topology,
             ssl_context=ssl_context,
+            prefetch=prefetch,
         )
         self._in_flight = 0
         self._acks: Batch[tuple[aiormq.Channel, int]] = Batch(
@@ -106,11 +106,17 @@ class AmqpWorker:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
+        """Connect and consume requests. `wait`: now, raising if no node answers (tests);
+        else in the background, retrying until a node answers (the service: not `ready`
+        until then)."""
+        if not wait:
+            self._link.start()
+            await self._link.consume(self._topology.request_queue, self._on_message)
+            return
         started = False
         try:
-            channel = await self._link.open()  # declares the topology
-            await channel.set_qos(prefetch_count=self._prefetch)
+            await self._link.open()  # declares the topology, sets the QoS
             await self._link.consume(self._topology.request_queue, self._on_message)
             started = True
         finally:
@@ -188,11 +194,7 @@ class AmqpWorker:
         if request.deadline <= self._clock():
             self._metrics.expired.labels(self._node_label(request.node_id)).inc()
             return False
-        try:
-            reply = await self._handler(request)
-        except Exception:
-            log.exception("request handler failed for request %s", request.request_id)
-            reply = IdentifyReply.failure(request.request_id, ErrorCode.INTERNAL)
+        reply = await answer_request(self._handler, request)
         try:
             await self._reply(message, reply_to, reply, request.deadline)
         except (*_AMQP_ERRORS, TimeoutError) as exc:

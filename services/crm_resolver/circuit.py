@@ -29,9 +29,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import Literal
 
-CircuitState = Literal["closed", "half_open", "open"]
+from shared.outcomes import CircuitState
+
 StateListener = Callable[[str, CircuitState], None]
 """Called with (CRM URL, new state) on every state change."""
 
@@ -77,7 +77,7 @@ class CircuitBreaker:
         self.reset_after = reset_after
         self._clock = clock
         self._on_change = on_change
-        self._state: CircuitState = "closed"
+        self._state = CircuitState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
         self._probe_started: float | None = None
@@ -85,16 +85,16 @@ class CircuitBreaker:
     @property
     def state(self) -> CircuitState:
         """The current state; an open breaker whose wait is over reads as half_open."""
-        if self._state == "open" and self._clock() - self._opened_at >= self.reset_after:
-            self._set("half_open")
+        if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self.reset_after:
+            self._set(CircuitState.HALF_OPEN)
         return self._state
 
     def allow(self) -> bool:
         """Whether a call may be made now. In half_open, True means "you are the probe"."""
         state = self.state
-        if state == "closed":
+        if state is CircuitState.CLOSED:
             return True
-        if state == "open":
+        if state is CircuitState.OPEN:
             return False
         now = self._clock()
         if self._probe_started is None or now - self._probe_started >= self.reset_after:
@@ -115,8 +115,8 @@ class CircuitBreaker:
         """The CRM answered (whatever it said): it is up."""
         self._failures = 0
         self._probe_started = None
-        if self._state != "closed":
-            self._set("closed")
+        if self._state is not CircuitState.CLOSED:
+            self._set(CircuitState.CLOSED)
 
     def record_untested(self) -> None:
         """The attempt ended without testing the CRM (the call's time ran out first): the
@@ -126,7 +126,7 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         """The CRM timed out with its full time, was unreachable or answered 5xx."""
         self._probe_started = None
-        if self._state == "closed":
+        if self._state is CircuitState.CLOSED:
             self._failures += 1
             if self._failures < self.failure_threshold:
                 return
@@ -134,8 +134,8 @@ class CircuitBreaker:
         # started before the breaker opened (it restarts the wait, which is what we want).
         self._failures = 0
         self._opened_at = self._clock()
-        if self._state != "open":
-            self._set("open")
+        if self._state is not CircuitState.OPEN:
+            self._set(CircuitState.OPEN)
 
     def _set(self, state: CircuitState) -> None:
         self._state = state

@@ -7,13 +7,14 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.metrics import SLO_BUCKETS, zero_init
-from shared.outcomes import ErrorCode, Verdict
+from shared.outcomes import CacheLookup, CircuitState, ErrorCode, Verdict
 
-CACHE_RESULTS = ("hit", "miss", "error")
+# The label values, from the shared vocabulary (shared.outcomes): a resolver always reads its
+# cache (never `skipped`); a CRM request ends in a verdict or in a CRM error code.
+CACHE_RESULTS = tuple(result for result in CacheLookup if result.read)
 CRM_RESULTS = tuple(v.value for v in Verdict if v is not Verdict.ERROR) + tuple(
-    code.value for code in ErrorCode if code.value.startswith("crm_")
+    code.value for code in ErrorCode if code.is_crm_result
 )
-CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class ResolverMetrics:
@@ -77,9 +78,9 @@ class ResolverMetrics:
         names = list(node_names)
         zero_init(self.requests, ((n, v.value) for n in names for v in Verdict))
         zero_init(self.crm_requests, ((n, r) for n in names for r in CRM_RESULTS))
-        zero_init(self.cache_lookups, ((n, r) for n in names for r in CACHE_RESULTS))
+        zero_init(self.cache_lookups, ((n, r.value) for n in names for r in CACHE_RESULTS))
         zero_init(self.merged, ((n,) for n in names))
         zero_init(self.expired, ((n,) for n in names))
         for name in names:
             self.crm_duration.labels(name)
-            self.circuit_state.labels(name).set(0)
+            self.circuit_state.labels(name).set(CircuitState.CLOSED.level)

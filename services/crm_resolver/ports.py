@@ -1,5 +1,8 @@
 """Ports of the resolver logic: the CRM client and the cache, with their value types.
 
+`CrmAnswer` and `CacheMiss` are the shared ones (`shared.crm_answer`, `shared.outcomes`), named
+here too so the adapters import their port's types from one place.
+
 Exception tree raised by `CrmClient.lookup` (foreign exceptions — aiohttp, asyncio, json — are
 translated into these at the adapter boundary and chained with `from exc`):
 
@@ -21,27 +24,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from shared.destination import Destination
+from shared.crm_answer import CrmAnswer as CrmAnswer  # re-exported: the port's value type
 from shared.nodes import NodeConfig
-from shared.outcomes import ErrorCode, Verdict
-
-
-@dataclass(frozen=True, slots=True)
-class CrmAnswer:
-    """A CRM's usable answer: true, false, or a destination."""
-
-    verdict: Verdict
-    destination: Destination | None = None
-
-    def __post_init__(self) -> None:
-        if self.verdict is Verdict.ERROR:
-            raise ValueError("a CrmAnswer is never an error; raise CrmError instead")
-        if (self.verdict is Verdict.DESTINATION) != (self.destination is not None):
-            raise ValueError("destination is set exactly when verdict is 'destination'")
-
-    @property
-    def positive(self) -> bool:
-        return self.verdict is not Verdict.FALSE
+from shared.outcomes import CacheLookup, ErrorCode
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +73,17 @@ class CrmClient(Protocol):
         ...
 
 
-class CacheMiss(Enum):
-    """Why a cache read has no answer; the value is the `cache_lookups` result label.
-
-    A miss and a broken backend look the same to the call (no answer) but not to the
-    operator, and a sentinel keeps the hot path free of allocations.
-    """
-
-    MISS = "miss"
-    ERROR = "error"
+CacheMiss = CacheLookup
+"""Why a cache read has no answer: `fetch` returns CacheLookup.MISS or .ERROR, never HIT (it
+returns the answer) nor SKIPPED (a gateway's choice not to read). One vocabulary with the
+`cache_lookups` result label, so a reader counts what `fetch` returned as it is. A miss and a
+broken backend look the same to the call (no answer) but not to the operator, and a sentinel
+keeps the hot path free of allocations."""
 
 
-class Cache(Protocol):
+class AnswerCache(Protocol):
+    """Cached CRM answers by (node id, customer id): what a reader such as the gateway needs."""
+
     async def fetch(self, node_id: str, customer_id: str) -> CrmAnswer | CacheMiss:
         """The cached answer, MISS, or ERROR when the backend failed (never raises)."""
         ...
@@ -124,7 +108,7 @@ class Flight(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """The right to ask the CRM about one (node, customer id); hand it back to `release`."""
+    """The right to ask the CRM about one (node, customer id); hand it back to `settle`."""
 
     node_id: str
     customer_id: str
@@ -138,10 +122,13 @@ class FlightLock(Protocol):
     cache read: `lead` is the read.
 
     Answers are read from the cache's own entries, so an adapter implementing this is the
-    adapter of the shared cache: the cached answer and the lock are read in one atomic step,
-    a lease is granted only while no answer is cached, and `settle` stores the answer and
-    drops the lock in one atomic step (so "no answer and no lock" means the holder let go
-    without an answer).
+    adapter of the cache: the cached answer and the lock are read in one atomic step, a lease
+    is granted only while no answer is cached, and `settle` stores the answer and drops the
+    lock in one atomic step (so "no answer and no lock" means the holder let go without an
+    answer). A lock lives `ttl` seconds at most: a holder that never settles (killed) blocks
+    the others only that long, and a lease that outlived its lock releases nothing (the lock
+    may be another holder's by then), though its answer is still stored.
+    The same cases run against every adapter: tests/integration/test_cache_contract.py.
     """
 
     async def lead(self, node_id: str, customer_id: str, ttl: float) -> Lease | CrmAnswer | Flight:
@@ -161,3 +148,9 @@ class FlightLock(Protocol):
         once. Done when the awaitable is; an adapter may carry it out a little later, batched
         with its other calls. Failures are counted, not raised: the lock then expires."""
         ...
+
+
+class Cache(AnswerCache, FlightLock, Protocol):
+    """The resolver's cache: the answers and the flight lock that guards them, in one adapter
+    (the Redis one shared by resolver processes, or the in-process one of a resolver alone).
+    Every adapter implements the lock, so the resolver has one way to look an answer up."""

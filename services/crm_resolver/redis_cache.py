@@ -37,9 +37,10 @@ calls `on_error` and counts in `errors`, and a warning is logged at most once pe
 
 Flight lock (docs/design.md §7, identical lookups merged across resolver processes): the cache also
 implements `ports.FlightLock`, because the lock is only sound when read together with the
-answer it guards. Lock keys are f"{flight_prefix}{node_id}:{digest}", the same digest as the
-answer's key, the value a random token, set with PX (the holder's budget, so a killed holder
-blocks others at most that long).
+answer it guards (`crm_resolver.memory_cache` implements the same rules in process; the same
+cases run against both in tests/integration/test_cache_contract.py). Lock keys are
+f"{flight_prefix}{node_id}:{digest}", the same digest as the answer's key, the value a random
+token, set with PX (the holder's budget, so a killed holder blocks others at most that long).
 - `lead` is one Lua script, one round trip: the cached answer if there is one, else SET NX PX
   of the lock. It is the resolver's cache read too (it does no GET before it), so a hit costs
   one round trip, and a lease is never granted after the answer was stored.
@@ -86,14 +87,13 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from crm_resolver.batch import Batch
 from crm_resolver.ports import CacheMiss, CrmAnswer, Flight, Lease
 from shared.destination import Destination
 from shared.outcomes import Verdict
+from shared.redis_url import fail_fast_client, parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -202,24 +202,19 @@ class RedisCache:
         pepper: str = "",
         log_every: float = 30.0,
     ) -> RedisCache:
-        """A cache over a client built for failing fast (see the module docstring).
+        """A cache over a client built for failing fast (see the module docstring), for any
+        form of `CALLERID_REDIS_URL` (`shared.redis_url`: one Redis, or a primary found
+        through Sentinel); `RedisUrlError` (a ConfigError) for a URL that names none.
 
         `max_connections` bounds the pool: when Redis stalls, operations beyond it wait for a
         free connection within their `timeout`, then fail (counted as errors), instead of
         opening ever more connections.
         """
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,  # the longest wait for a free connection
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_error=[],
-            health_check_interval=0,
+        client = fail_fast_client(
+            parse_redis_url(url), timeout=timeout, max_connections=max_connections
         )
         return cls(
-            redis.asyncio.Redis.from_pool(pool),  # the client closes the pool with itself
+            client,
             on_error=on_error,
             key_prefix=key_prefix,
             flight_prefix=flight_prefix,

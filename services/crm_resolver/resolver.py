@@ -35,21 +35,19 @@ Rules chosen here, beyond the design's words:
   do not expire together; a TTL of 0 disables that kind; a node with both at 0 does not read
   the cache either. Errors are never cached. A cached answer the node no longer accepts (its
   config changed) is a miss, asked again and overwritten.
-- Without a `FlightLock` (this process alone on its cache: embedded mode, memory cache) a
-  request reads the cache, and on a miss joins the in-process shared call, which stores the
-  answer before it ends, so a lookup arriving after it finds the cache.
-- With a `FlightLock` (a shared Redis cache, several resolver processes), a request of a node
-  that caches does no separate cache read: its in-process shared call starts with `lead`,
-  which in one round trip returns the cached answer (a hit) or, on a miss, takes the lookup's
-  lock for the time left to the deadline plus LOCK_MARGIN (so a holder that was killed blocks
-  the others at most that long). Identical requests in flight at once share that one round
-  trip, hit or miss. Holding the lock, it asks the CRM and replies; storing the answer (if it
-  is cached) and releasing the lock are one `settle`, queued after the reply and tracked
-  until it is carried out (`close()` waits for it, at most `close_timeout`); the cache sends
-  it with the next `lead` or within a few ms. Errors release the lock the same way, storing
-  nothing. So a hit costs one round trip, a miss two when alone and one under load, and the
-  reply waits for one. A lookup arriving between the reply and the `settle` finds the lock
-  held and takes the answer by polling, below.
+- One algorithm, whichever the cache: every cache adapter implements the flight lock
+  (`ports.Cache`: Redis shared by several resolver processes, or in process for a resolver
+  alone), so a request of a node that caches does no separate cache read: its in-process
+  shared call starts with `lead`, which in one step returns the cached answer (a hit) or, on
+  a miss, takes the lookup's lock for the time left to the deadline plus LOCK_MARGIN (so a
+  holder that was killed blocks the others at most that long). Identical requests in flight
+  at once share that one step, hit or miss. Holding the lock, it asks the CRM and replies;
+  storing the answer (if it is cached) and releasing the lock are one `settle`, started as
+  the shared call ends and tracked until it is carried out (`close()` waits for it, at most
+  `close_timeout`). The memory cache carries it out at once; Redis sends it with the next
+  `lead` or within a few ms. So a Redis hit costs one round trip, a miss two when alone and
+  one under load, and the reply waits for one. A lookup arriving between the reply and a
+  Redis `settle` finds the lock held and takes the answer by polling, below.
   If another process holds the lock, this one polls (every `flight_poll` s) for that
   process's answer in the cache and replies from it (source `cache`, counted as merged); if
   the lock goes away without an answer (the holder's call failed — errors are never cached —
@@ -57,7 +55,9 @@ Rules chosen here, beyond the design's words:
   holding it, asks the CRM itself: one process at a time asks, and each at most once per
   in-process call. At its deadline it gives up with `crm_timeout`. A lock backend failure
   fails open: the CRM is asked without the lock (its answer stored after the reply, with a
-  plain `put`).
+  plain `put`); so is a cached answer the node no longer accepts (overwritten by the put).
+  Locks are distrusted for a while after a Redis failure: see "Doubted locks" in
+  `crm_resolver.redis_cache`.
 - A caller never waits past its own deadline: one that joined a shared call started by a
   caller with a later deadline gives up at its own with `crm_timeout` (the shared call goes
   on for the others and still fills the cache).
@@ -65,9 +65,9 @@ Rules chosen here, beyond the design's words:
   is not a bounded label value.
 
 Metrics, per node name: requests{verdict} once per reply; cache_lookups{hit|miss|error} once
-per request of a node that caches, with the result of the cache read that served it (its own
-`fetch`, or its shared call's first `lead`, whose ERROR is a lookup error; a request that
-gives up at its deadline before that shared call ends counts a miss), plus an error per
+per request of a node that caches, with the result of the cache read that served it (its
+shared call's first `lead`, whose ERROR is a lookup error; a request that gives up at its
+deadline before that shared call ends counts a miss), plus an error per
 later failed flight-lock round trip (a `peek` or a renewed `lead`); crm_requests{result} and
 crm_duration per HTTP attempt (result is the verdict or the error code; a call refused by
 the open breaker counts as `crm_circuit_open` with no duration); merged per request not
@@ -86,15 +86,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
 
 from prometheus_client import Counter, Histogram
 
-from crm_resolver.circuit import Attempt, BreakerRegistry, CircuitState
-from crm_resolver.metrics import CIRCUIT_STATES, ResolverMetrics
+from crm_resolver.circuit import Attempt, BreakerRegistry, CircuitBreaker
+from crm_resolver.metrics import CACHE_RESULTS, ResolverMetrics
 from crm_resolver.ports import (
     Cache,
-    CacheMiss,
     CallContext,
     CrmAnswer,
     CrmClient,
@@ -103,14 +101,14 @@ from crm_resolver.ports import (
     CrmTimeout,
     CrmUnreachable,
     Flight,
-    FlightLock,
     Lease,
 )
 from crm_resolver.singleflight import SingleFlight
+from shared.crm_answer import answer_reply, judge
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.metrics import UNKNOWN_NODE
 from shared.nodes import NodeConfig, NodeSet
-from shared.outcomes import ErrorCode, Interaction, Source, Verdict
+from shared.outcomes import CacheLookup, CircuitState, ErrorCode, Source, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +140,8 @@ def jitter_ttl(ttl: float) -> float:
     return ttl * random.uniform(1 - TTL_JITTER, 1 + TTL_JITTER)
 
 
-class _Lookup(Enum):
-    """What a request's cache read found; the value is the `cache_lookups` result label."""
-
-    HIT = "hit"
-    MISS = CacheMiss.MISS.value
-    ERROR = CacheMiss.ERROR.value
+_Lookup = CacheLookup
+"""What a request's cache read found: the shared vocabulary (never SKIPPED here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +150,8 @@ class _Resolution:
     answer came from (a hit, or another process's CRM call, is answered from the cache).
 
     `ttl`: how long the answer is to be cached (jitter applied; 0 when it is not). `lookup`:
-    what the shared call's cache read found, for its callers to count (None when the callers
-    read the cache themselves, or it was never read).
+    what the shared call's cache read found, for its callers to count (None when the node
+    does not cache, so the cache was never read).
     """
 
     answer: CrmAnswer | None
@@ -166,6 +160,16 @@ class _Resolution:
     source: Source = Source.CRM
     ttl: float = 0.0
     lookup: _Lookup | None = None
+
+    def reply(self, request_id: str) -> IdentifyReply:
+        if self.answer is not None:
+            return answer_reply(request_id, self.answer, self.source, self.crm_ms)
+        assert self.error is not None
+        return IdentifyReply.failure(request_id, self.error, crm_ms=self.crm_ms)
+
+
+_Claim = Lease | CrmAnswer | Flight | _Resolution
+"""What the cache said of a lookup (a lease, an answer, the lock's state), or how it ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +192,7 @@ class _NodeMeters:
         self._name = name
         self._crm = metrics.crm_requests
         self.requests = {v: metrics.requests.labels(name, v.value) for v in Verdict}
-        self.lookups = {k: metrics.cache_lookups.labels(name, k.value) for k in _Lookup}
+        self.lookups = {k: metrics.cache_lookups.labels(name, k.value) for k in CACHE_RESULTS}
         self.expired = metrics.expired.labels(name)
         self.merged = metrics.merged.labels(name)
         self.duration: Histogram = metrics.crm_duration.labels(name)
@@ -211,7 +215,6 @@ class Resolver:
         breakers: BreakerRegistry | None = None,
         retry: bool = True,
         jitter: Callable[[float], float] | None = None,
-        flights: FlightLock | None = None,
         flight_poll: float = FLIGHT_POLL,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
@@ -226,8 +229,6 @@ class Resolver:
         self._breakers.subscribe(self._circuit_changed)
         self._retry = retry
         self._jitter = jitter if jitter is not None else jitter_ttl
-        # None: this process is the only resolver on its cache (embedded, memory cache).
-        self._flight_lock = flights
         self._flight_poll = flight_poll
         self._flights: SingleFlight[tuple[str, str], _Resolution] = SingleFlight()
         # Cache writes running after their replies; strong references until they end.
@@ -275,107 +276,69 @@ class Resolver:
         if deadline <= self._clock():
             meters.expired.inc()
             return IdentifyReply.failure(request.request_id, ErrorCode.EXPIRED)
-
         customer_id = request.customer_id
-        # With a flight lock the shared call reads the cache (`lead`); without, the request.
-        shared_read = False
-        if node.caches:
-            if self._flight_lock is not None:
-                shared_read = True
-            else:
-                found = await self._cache.fetch(node.id, customer_id)
-                if isinstance(found, CrmAnswer) and judge(node, found) is None:
-                    meters.lookups[_Lookup.HIT].inc()
-                    return _answer_reply(request.request_id, found, Source.CACHE, None)
-                meters.lookups[_Lookup.ERROR if found is CacheMiss.ERROR else _Lookup.MISS].inc()
-
         context = CallContext(request.caller_number, request.call_id)
         try:
             async with asyncio.timeout(deadline - self._clock()):
                 resolution, joined = await self._flights.run(
                     (node.id, customer_id),
-                    lambda: self._ask_crm(_Ask(node, customer_id, deadline, context, meters)),
+                    lambda: self._shared_lookup(_Ask(node, customer_id, deadline, context, meters)),
                 )
         except TimeoutError:
-            if shared_read:
-                meters.lookups[_Lookup.MISS].inc()
-            return IdentifyReply.failure(request.request_id, ErrorCode.CRM_TIMEOUT)
-        lookup = resolution.lookup
-        if lookup is not None:
-            meters.lookups[lookup].inc()
-        # Another caller's CRM answer or error: through this process's shared call, or from
-        # the cache without being a hit (another process asked).
-        if lookup is not _Lookup.HIT and (joined or resolution.source is Source.CACHE):
-            meters.merged.inc()
-        if resolution.answer is not None:
-            return _answer_reply(
-                request.request_id, resolution.answer, resolution.source, resolution.crm_ms
+            # Given up before the shared call ended: not answered from the cache.
+            lookup = _Lookup.MISS if node.caches else None
+            resolution, joined = (
+                _Resolution(None, ErrorCode.CRM_TIMEOUT, None, lookup=lookup),
+                False,
             )
-        assert resolution.error is not None
-        return IdentifyReply.failure(request.request_id, resolution.error, crm_ms=resolution.crm_ms)
+        _count(resolution, joined, meters)
+        return resolution.reply(request.request_id)
 
-    async def _ask_crm(self, ask: _Ask) -> _Resolution:
+    async def _shared_lookup(self, ask: _Ask) -> _Resolution:
         # Runs once for all callers sharing it: an unexpected error is logged here, once,
         # and every caller gets `internal`.
         try:
-            lock = self._flight_lock
-            if lock is not None and ask.node.caches:
-                return await self._coordinated(lock, ask)
-            resolution = await self._attempts(ask)
-            if resolution.answer is not None and resolution.ttl > 0:
-                await self._cache.put(
-                    ask.node.id, ask.customer_id, resolution.answer, resolution.ttl
-                )
-            return resolution
+            if not ask.node.caches:
+                return await self._attempts(ask)  # nothing to read, store or lock
+            return await self._coordinated(ask)
         except Exception:
             log.exception("internal error asking the CRM of node %r", ask.node.name)
             return _Resolution(None, ErrorCode.INTERNAL, None)
 
-    async def _coordinated(self, lock: FlightLock, ask: _Ask) -> _Resolution:
+    async def _coordinated(self, ask: _Ask) -> _Resolution:
         """Resolve through the flight lock: `lead` is the cache read and, on a miss, takes
         the lock; the resolution's `lookup` is what that read found."""
-        left = ask.deadline - self._clock()
-        claim = await lock.lead(ask.node.id, ask.customer_id, left + LOCK_MARGIN)
+        claim = await self._cache.lead(
+            ask.node.id, ask.customer_id, ask.deadline - self._clock() + LOCK_MARGIN
+        )
         if isinstance(claim, CrmAnswer) and judge(ask.node, claim) is None:
             return _Resolution(claim, None, None, Source.CACHE, lookup=_Lookup.HIT)
-        resolution = await self._contend(lock, claim, ask)
+        resolution = await self._contend(claim, ask)
         lookup = _Lookup.ERROR if claim is Flight.ERROR else _Lookup.MISS
         return dataclasses.replace(resolution, lookup=lookup)
 
-    async def _contend(
-        self, lock: FlightLock, claim: Lease | CrmAnswer | Flight, ask: _Ask
-    ) -> _Resolution:
-        """Act on what `lead` said (anything but an acceptable answer), until resolved."""
-        node, customer_id, deadline = ask.node, ask.customer_id, ask.deadline
-        clock = self._clock
-        while True:
-            if isinstance(claim, Lease):
-                return await self._holding(lock, claim, ask)
-            seen: CrmAnswer | Flight | _Resolution = claim
-            if claim is Flight.HELD:
-                seen = await self._await_holder(lock, ask)
-            if isinstance(seen, _Resolution):
-                return seen
-            if isinstance(seen, CrmAnswer) and judge(node, seen) is None:
-                return _Resolution(seen, None, None, Source.CACHE)
-            if seen is not Flight.FREE:
-                # The lock backend failed (counted where it was seen), or the cached answer is
-                # one the node no longer accepts: ask without the lock (and overwrite it).
-                resolution = await self._attempts(ask)
-                if resolution.answer is not None and resolution.ttl > 0:
-                    self._after_reply(
-                        self._cache.put(node.id, customer_id, resolution.answer, resolution.ttl)
-                    )
-                return resolution
-            # FREE: the holder let go without an answer; take the lock and ask ourselves.
-            left = deadline - clock()
-            if left <= 0:
-                return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
-            claim = await lock.lead(node.id, customer_id, left + LOCK_MARGIN)
-            if claim is Flight.ERROR:
-                ask.meters.lookups[_Lookup.ERROR].inc()
+    async def _contend(self, claim: _Claim, ask: _Ask) -> _Resolution:
+        """Act on what `lead` said (anything but an acceptable answer) until resolved: each
+        step turns what the cache said into the next thing to act on."""
+        while not isinstance(claim, _Resolution):
+            claim = await self._step(claim, ask)
+        return claim
 
-    async def _holding(self, lock: FlightLock, lease: Lease, ask: _Ask) -> _Resolution:
+    async def _step(self, claim: Lease | CrmAnswer | Flight, ask: _Ask) -> _Claim:
+        if isinstance(claim, Lease):
+            return await self._holding(claim, ask)
+        if claim is Flight.HELD:
+            return await self._await_holder(ask)
+        if claim is Flight.FREE:
+            # The holder let go without an answer: take the lock and ask ourselves.
+            return await self._retake(ask)
+        if isinstance(claim, CrmAnswer) and judge(ask.node, claim) is None:
+            return _Resolution(claim, None, None, Source.CACHE)  # another process's answer
+        # The lock backend failed (counted where it was seen), or the cached answer is one the
+        # node no longer accepts: ask without the lock (and overwrite it).
+        return await self._unlocked(ask)
+
+    async def _holding(self, lease: Lease, ask: _Ask) -> _Resolution:
         """Ask the CRM under `lease`; store and release after the reply, however it ends."""
         answer, ttl = None, 0.0
         try:
@@ -384,12 +347,12 @@ class Resolver:
                 answer, ttl = resolution.answer, resolution.ttl
             return resolution
         finally:
-            # Store and release in one atomic round trip: a waiter that sees the lock gone
-            # without an answer knows there is none to wait for. Also on an error or when
-            # cancelled (close()): the lock is given back, not left to expire.
-            self._after_reply(lock.settle(lease, answer, ttl))
+            # Store and release in one atomic step: a waiter that sees the lock gone without
+            # an answer knows there is none to wait for. Also on an error or when cancelled
+            # (close()): the lock is given back, not left to expire.
+            self._after_reply(self._cache.settle(lease, answer, ttl))
 
-    async def _await_holder(self, lock: FlightLock, ask: _Ask) -> CrmAnswer | Flight | _Resolution:
+    async def _await_holder(self, ask: _Ask) -> _Claim:
         """The holder's answer, FREE or ERROR; a crm_timeout resolution at the deadline."""
         clock = self._clock
         while True:
@@ -397,11 +360,30 @@ class Resolver:
             if left <= 0:
                 return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
             await asyncio.sleep(min(self._flight_poll, left))
-            seen = await lock.peek(ask.node.id, ask.customer_id)
+            seen = await self._cache.peek(ask.node.id, ask.customer_id)
             if seen is Flight.ERROR:
                 ask.meters.lookups[_Lookup.ERROR].inc()
             if seen is not Flight.HELD:
                 return seen
+
+    async def _retake(self, ask: _Ask) -> _Claim:
+        """Try again for the lock (or the answer stored meanwhile), while time is left."""
+        left = ask.deadline - self._clock()
+        if left <= 0:
+            return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
+        claim = await self._cache.lead(ask.node.id, ask.customer_id, left + LOCK_MARGIN)
+        if claim is Flight.ERROR:
+            ask.meters.lookups[_Lookup.ERROR].inc()
+        return claim
+
+    async def _unlocked(self, ask: _Ask) -> _Resolution:
+        """Ask the CRM without the lock; store a cacheable answer after the reply."""
+        resolution = await self._attempts(ask)
+        if resolution.answer is not None and resolution.ttl > 0:
+            self._after_reply(
+                self._cache.put(ask.node.id, ask.customer_id, resolution.answer, resolution.ttl)
+            )
+        return resolution
 
     def _after_reply(self, work: Awaitable[None]) -> None:
         """Run a cache write in the background: the replies sharing the call do not wait."""
@@ -416,59 +398,71 @@ class Resolver:
             log.error("cache write after a reply failed", exc_info=exc)
 
     async def _attempts(self, ask: _Ask) -> _Resolution:
-        node, customer_id, deadline, meters = ask.node, ask.customer_id, ask.deadline, ask.meters
-        assert node.url is not None  # uses_crm implies a URL (NodeConfig validates it)
-        breaker = self._breakers.get(node.url)
-        clock = self._clock
-        budget = first_budget = min(node.crm_timeout, deadline - clock())
+        """Ask the CRM within the budget, and once more after an outage when the rules allow
+        (module docstring); crm_ms is the time of both."""
+        assert ask.node.url is not None  # uses_crm implies a URL (NodeConfig validates it)
+        breaker = self._breakers.get(ask.node.url)
+        budget = min(ask.node.crm_timeout, ask.deadline - self._clock())
         if budget <= 0:
             # The time went on the cache or another's lock: nothing to ask the CRM with, and
             # nothing learnt about it.
             return _Resolution(None, ErrorCode.CRM_TIMEOUT, None)
         if not breaker.allow():
-            meters.crm(ErrorCode.CRM_CIRCUIT_OPEN.value).inc()
+            ask.meters.crm(ErrorCode.CRM_CIRCUIT_OPEN.value).inc()
             return _Resolution(None, ErrorCode.CRM_CIRCUIT_OPEN, None)
+        first, down = await self._attempt(ask, breaker, budget)
+        retry_budget = self._retry_budget(ask, breaker, budget) if down else None
+        if retry_budget is None:
+            return first
+        second, _ = await self._attempt(ask, breaker, retry_budget)
+        return dataclasses.replace(second, crm_ms=(first.crm_ms or 0.0) + (second.crm_ms or 0.0))
 
-        spent = 0.0
-        retried = False
-        while True:
-            started = clock()
-            try:
-                answer = await self._crm.lookup(
-                    node, customer_id, budget=budget, context=ask.context
-                )
-            except CrmError as err:
-                took = max(0.0, clock() - started)
-                spent += took
-                meters.duration.observe(took)
-                meters.crm(err.code.value).inc()
-                attempt = _blame(err, node, budget, took)
-                breaker.record(attempt)
-                if attempt is not Attempt.DOWN:
-                    return _Resolution(None, err.code, spent * 1000)
-                left = deadline - clock()
-                if (
-                    self._retry
-                    and not retried
-                    and left >= max(RETRY_MIN_BUDGET, first_budget / 2)
-                    and breaker.allow()
-                ):
-                    retried = True
-                    budget = min(node.crm_timeout, left)
-                    continue
-                return _Resolution(None, err.code, spent * 1000)
+    def _retry_budget(
+        self, ask: _Ask, breaker: CircuitBreaker, first_budget: float
+    ) -> float | None:
+        """The budget of a retry after an outage, or None when there is to be no retry."""
+        left = ask.deadline - self._clock()
+        if not self._retry or left < max(RETRY_MIN_BUDGET, first_budget / 2):
+            return None
+        # The breaker last: asking it may use up a half-open circuit's one probe.
+        return min(ask.node.crm_timeout, left) if breaker.allow() else None
 
-            took = max(0.0, clock() - started)
-            spent += took
-            meters.duration.observe(took)
-            breaker.record_success()
-            error = judge(node, answer)
-            meters.crm(answer.verdict.value if error is None else error.value).inc()
-            if error is not None:
-                return _Resolution(None, error, spent * 1000)
-            ttl = node.cache_ttl_positive if answer.positive else node.cache_ttl_negative
-            ttl = self._jitter(ttl) if ttl > 0 else 0.0
-            return _Resolution(answer, None, spent * 1000, ttl=ttl)
+    async def _attempt(
+        self, ask: _Ask, breaker: CircuitBreaker, budget: float
+    ) -> tuple[_Resolution, bool]:
+        """One CRM call, timed, counted and told to the breaker; and whether it failed with an
+        outage (the only kind of failure worth a retry)."""
+        started = self._clock()
+        try:
+            answer = await self._crm.lookup(
+                ask.node, ask.customer_id, budget=budget, context=ask.context
+            )
+        except CrmError as err:
+            took = self._took(started, ask.meters)
+            ask.meters.crm(err.code.value).inc()
+            attempt = _blame(err, ask.node, budget, took)
+            breaker.record(attempt)
+            return _Resolution(None, err.code, took * 1000), attempt is Attempt.DOWN
+        took = self._took(started, ask.meters)
+        breaker.record_success()
+        return self._judged(answer, ask, took), False
+
+    def _took(self, started: float, meters: _NodeMeters) -> float:
+        """Seconds since `started`, observed as a CRM duration."""
+        took = max(0.0, self._clock() - started)
+        meters.duration.observe(took)
+        return took
+
+    def _judged(self, answer: CrmAnswer, ask: _Ask, took: float) -> _Resolution:
+        """A CRM answer's resolution: refused when the node cannot use it, else with the TTL
+        it is to be cached for (jittered; 0 when that kind is not cached)."""
+        error = judge(ask.node, answer)
+        ask.meters.crm(answer.verdict.value if error is None else error.value).inc()
+        if error is not None:
+            return _Resolution(None, error, took * 1000)
+        node = ask.node
+        ttl = node.cache_ttl_positive if answer.positive else node.cache_ttl_negative
+        return _Resolution(answer, None, took * 1000, ttl=self._jitter(ttl) if ttl > 0 else 0.0)
 
     def _meters_for(self, name: str) -> _NodeMeters:
         meters = self._meters.get(name)
@@ -477,10 +471,21 @@ class Resolver:
         return meters
 
     def _circuit_changed(self, url: str, state: CircuitState) -> None:
-        value = CIRCUIT_STATES[state]
+        value = state.level
         for node in self._nodes():
             if node.url == url:
                 self._metrics.circuit_state.labels(node.name).set(value)
+
+
+def _count(resolution: _Resolution, joined: bool, meters: _NodeMeters) -> None:
+    """Count one request's cache lookup, and whether another caller's work answered it."""
+    lookup = resolution.lookup
+    if lookup is not None:
+        meters.lookups[lookup].inc()
+    # Another caller's CRM answer or error: through this process's shared call, or from the
+    # cache without being a hit (another process asked).
+    if lookup is not _Lookup.HIT and (joined or resolution.source is Source.CACHE):
+        meters.merged.inc()
 
 
 def _is_outage(err: CrmError) -> bool:
@@ -504,26 +509,3 @@ def _blame(err: CrmError, node: NodeConfig, budget: float, took: float) -> Attem
         if not full or took > budget + STALL_MARGIN:
             return Attempt.UNTESTED
     return Attempt.DOWN
-
-
-def judge(node: NodeConfig, answer: CrmAnswer) -> ErrorCode | None:
-    """Why the node cannot use this answer, or None when it can."""
-    if answer.destination is None:
-        return None
-    if node.interaction is not Interaction.CRM_DESTINATION:
-        return ErrorCode.CRM_BAD_RESPONSE
-    if answer.destination.type not in node.allowed_destination_types:
-        return ErrorCode.CRM_DISALLOWED_DESTINATION
-    return None
-
-
-def _answer_reply(
-    request_id: str, answer: CrmAnswer, source: Source, crm_ms: float | None
-) -> IdentifyReply:
-    return IdentifyReply(
-        request_id=request_id,
-        verdict=answer.verdict,
-        destination=answer.destination,
-        source=source,
-        crm_ms=crm_ms,
-    )
