@@ -10,11 +10,14 @@ import argparse
 import difflib
 import json
 import logging
+import ssl
 from collections.abc import Collection, Mapping, Sequence
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.amqp_urls import split_amqp_urls
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -40,7 +43,17 @@ class CommonSettings(BaseSettings):
         description="Required. Path to the nodes YAML file, or redis://host:port/db for "
         "OMniLeads hashes.",
     )
-    amqp_url: str | None = None
+    amqp_url: str | None = Field(
+        default=None,
+        description="RabbitMQ URL, or the URLs of one cluster's nodes, comma-separated: the "
+        "services connect to the first that answers and move on to the next when it goes away.",
+    )
+    amqp_queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="Type of the request and dead-letter queues: classic (one node holds them; "
+        "no disk write per request), or quorum (replicated: outlives a node of a cluster). "
+        "The same on every service; changing it means deleting the queues.",
+    )
     amqp_prefix: str = Field(
         default="callerid",
         pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
@@ -94,10 +107,18 @@ class CommonSettings(BaseSettings):
         if self.redis_url and len(self.cache_key_pepper) < MIN_CACHE_SECRET:
             raise ValueError(
                 f"CALLERID_CACHE_KEY_PEPPER: a secret of at least {MIN_CACHE_SECRET} characters "
-                "is required when CALLERID_REDIS_URL is set (the same on every gateway and "
-                "resolver; e.g. `openssl rand -hex 32`)"
+                "is required when CALLERID_REDIS_URL is set (set one, the same on every gateway "
+                "and resolver, e.g. `openssl rand -hex 32`)"
             )
         return self
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_urls(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        split_amqp_urls(value)  # raises ValueError naming the bad entry
+        return value.strip()
 
     @field_validator("nodes")
     @classmethod
@@ -108,6 +129,21 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)
+        return value
+
+    @field_validator("amqp_ca_bundle", "crm_ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, value: str | None) -> str | None:
+        # Loaded once here, so a wrong path is a start-up error naming the setting rather than
+        # a failure deep in the first TLS connection (or a traceback from the client).
+        if value:
+            try:
+                ssl.create_default_context(cafile=value)
+            except ssl.SSLError as exc:  # read, but no PEM certificate in it
+                reason = str(exc.reason or "unreadable").replace("_", " ").lower()
+                raise ValueError(f"{value!r} holds no usable CA certificate: {reason}") from None
+            except OSError as exc:
+                raise ValueError(f"{value!r} cannot be read: {exc.strerror or exc}") from None
         return value
 
     @field_validator("crm_allowed_hosts", mode="before")
@@ -184,8 +220,8 @@ def unknown_variables(
 
 
 NODES_REQUIRED = (
-    "CALLERID_NODES is not set: name the nodes YAML file or a redis://host:port/db URL "
-    "(or pass --nodes); there is no built-in default (`make run` uses examples/nodes.yaml)"
+    "CALLERID_NODES: not set, and there is no built-in default (name the nodes YAML file or a "
+    "redis://host:port/db URL, or pass --nodes; `make run` uses examples/nodes.yaml)"
 )
 # Settings without a default: the services refuse to start without them.
 REQUIRED_SETTINGS = frozenset({"nodes"})

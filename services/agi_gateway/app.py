@@ -31,15 +31,15 @@ from agi_gateway.routing import JumpTemplates
 from agi_gateway.server import AgiServer
 from agi_gateway.settings import GatewaySettings
 from crm_resolver.app import build_cache, build_resolver, unknown_environment
+from crm_resolver.crm_auth import CrmCredentials
 from crm_resolver.metrics import ResolverMetrics
 from crm_resolver.ports import Cache
 from crm_resolver.settings import ResolverSettings
-from crm_resolver.signing import CheckedSource, CrmCredentials
-from shared import runtime
+from shared import runtime, startup_errors
 from shared.amqp_link import amqp_ssl_context
 from shared.http_endpoints import bound_port, start_http
 from shared.memory_bus import MemoryBus
-from shared.node_sources import NodeSource, NodeStore, source_from_setting
+from shared.node_sources import CheckedSource, NodeSource, NodeStore, source_from_setting
 from shared.nodes import ConfigError, NodeSet
 from shared.ports import Identifier
 from shared.settings import NODES_REQUIRED, add_common_flags, parse_listen, settings_epilog
@@ -62,7 +62,7 @@ setting is logged as a warning; an invalid value stops the gateway (exit 2)."""
 
 EPILOG_SETTINGS = (
     ("nodes", "nodes YAML file, or redis://host:port/db for OMniLeads' hashes"),
-    ("amqp_url", "RabbitMQ URL; without it the resolver runs in this process (embedded)"),
+    ("amqp_url", "RabbitMQ URL, or a cluster's node URLs comma-separated; unset: embedded"),
     ("redis_url", "Redis answer cache; scaled out, repeat callers are answered from it"),
     ("agi_listen", "FastAGI address Asterisk connects to"),
     ("http_listen", "/metrics, /healthz, /readyz"),
@@ -152,9 +152,11 @@ class Gateway:
             environment_timeout=settings.environment_timeout,
             admission=admission,
         )
-        await self.server.start(*parse_listen(settings.agi_listen))
+        with startup_errors.listening("agi_listen", settings.agi_listen):
+            await self.server.start(*parse_listen(settings.agi_listen))
         host, port = parse_listen(settings.http_listen)
-        http = await start_http(host, port, self.registry, self.ready)
+        with startup_errors.listening("http_listen", settings.http_listen):
+            http = await start_http(host, port, self.registry, self.ready)
         self._stack.push_async_callback(http.cleanup)
         self.http_port = bound_port(http)
 
@@ -188,11 +190,14 @@ class Gateway:
             self._amqp = AmqpIdentifier(
                 settings.amqp_url,
                 self.metrics,
-                topology=Topology(prefix=settings.amqp_prefix),
+                topology=Topology(prefix=settings.amqp_prefix, queue_type=settings.amqp_queue_type),
                 publish_timeout=settings.publish_timeout,
                 ssl_context=amqp_ssl_context(settings.amqp_url, settings.amqp_ca_bundle),
             )
-            await self._amqp.start()
+            # In the background: without a broker the gateway still serves calls (not ready;
+            # nodes that need no CRM decide, CRM nodes fail over at once) and connects when
+            # one of the CALLERID_AMQP_URL nodes answers (shared.amqp_link).
+            await self._amqp.start(wait=False)
             self._stack.push_async_callback(self._amqp.close)
             inner = self._amqp
             # The resolvers' Redis, when the gateway is given it: repeat callers are then
@@ -219,18 +224,21 @@ class Gateway:
 
 async def serve(settings: GatewaySettings) -> int:
     gateway = Gateway(settings)
+    # Before the start: a SIGTERM while starting then stops the gateway cleanly once it has
+    # started (nothing to drain yet), instead of killing it mid-start.
+    stop = runtime.stop_on_signals()
     try:
         await gateway.start()
-    except ConfigError as exc:
+    except Exception:
         for message in unknown_environment(os.environ, None):  # a typo may be why
             log.warning("%s", message)
-        log.error("cannot start: %s", exc)
         await gateway.stop()
-        return 2
+        raise  # one line naming the setting, and the exit status: shared.startup_errors
     assert gateway.store is not None
     for message in unknown_environment(os.environ, gateway.store.current):
         log.warning("%s", message)
-    stop = runtime.stop_on_signals()
+    if settings.redis_url and (settings.runs_embedded or settings.gateway_cache):
+        await startup_errors.warn_if_cache_unreachable(settings.redis_url)  # serves either way
     await gateway.run_until(stop)
     await gateway.stop()
     return 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from agi_gateway.admission import parse_networks
@@ -89,6 +89,24 @@ class GatewaySettings(CommonSettings):
     def _agi_listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        # Both listeners on one port: the second bind would fail as "in use", pointing the
+        # operator at another process that does not exist.
+        agi_host, agi_port = parse_listen(self.agi_listen)
+        http_host, http_port = parse_listen(self.http_listen)
+        anywhere = ("0.0.0.0", "::")
+        if (
+            agi_port
+            and agi_port == http_port
+            and (agi_host == http_host or agi_host in anywhere or http_host in anywhere)
+        ):
+            raise ValueError(
+                f"CALLERID_HTTP_LISTEN: {self.http_listen} takes the port CALLERID_AGI_LISTEN "
+                f"{self.agi_listen} listens on (choose two different ports)"
+            )
+        return self
 
     @field_validator("jump_templates")
     @classmethod

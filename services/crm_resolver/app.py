@@ -20,6 +20,7 @@ from agi_gateway.settings import GatewaySettings
 from crm_resolver.address_policy import AddressPolicy
 from crm_resolver.amqp_worker import AmqpWorker
 from crm_resolver.circuit import BreakerRegistry
+from crm_resolver.crm_auth import CrmCredentials
 from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
 from crm_resolver.memory_cache import MemoryCache
 from crm_resolver.metrics import ResolverMetrics
@@ -27,12 +28,12 @@ from crm_resolver.ports import Cache
 from crm_resolver.redis_cache import RedisCache
 from crm_resolver.resolver import Resolver
 from crm_resolver.settings import ResolverSettings
-from crm_resolver.signing import CheckedSource, CrmCredentials
-from shared import runtime
+from shared import runtime, startup_errors
 from shared.amqp_link import amqp_ssl_context
 from shared.http_endpoints import start_http
 from shared.metrics import UNKNOWN_NODE
-from shared.node_sources import NodeStore, source_from_setting
+from shared.node_auth import env_names
+from shared.node_sources import CheckedSource, NodeStore, source_from_setting
 from shared.nodes import ConfigError, NodeSet
 from shared.settings import (
     NODES_REQUIRED,
@@ -53,8 +54,8 @@ One worker of the pool that answers the gateways' caller-identification requests
 It takes requests from RabbitMQ (CALLERID_AMQP_URL, required), answers each from the Redis
 answer cache (CALLERID_REDIS_URL) or by calling the node's CRM over HTTP, and replies. Run as
 many as the call rate needs, all with the same CALLERID_AMQP_URL, CALLERID_NODES and
-CALLERID_REDIS_URL. A CRM token or signing secret is an environment variable the node names
-in crm_token_env / crm_signing_secret_env. For one box without a broker, run
+CALLERID_REDIS_URL. A CRM token or secret is an environment variable the node names in its
+auth: section (or crm_token_env / crm_signing_secret_env). For one box without a broker, run
 `agi-gateway --embedded` instead: it contains a resolver.
 
 Configured by CALLERID_* environment variables; the few with a flag take the flag first.
@@ -63,7 +64,7 @@ setting is logged as a warning; an invalid value stops the resolver (exit 2)."""
 
 EPILOG_SETTINGS = (
     ("nodes", "nodes YAML file or redis://host:port/db, the same as the gateway's"),
-    ("amqp_url", "RabbitMQ URL; the resolver cannot run without it"),
+    ("amqp_url", "RabbitMQ URL, or a cluster's node URLs comma-separated; required"),
     ("redis_url", "Redis answer cache shared with other resolvers and the gateway"),
     ("cache_key_pepper", "secret mixed into cache keys; the same on every service"),
     ("http_listen", "/metrics, /healthz, /readyz"),
@@ -79,14 +80,10 @@ def unknown_environment(environ: Mapping[str, str], nodes: NodeSet | None) -> li
     """Start-up warnings for the `CALLERID_*` variables neither service reads.
 
     A setting of either service counts as known (compose files and shared env files give both
-    the same environment), and so does a secret a node names in `crm_token_env` /
-    `crm_signing_secret_env`; `nodes` is None when they could not be loaded."""
-    secrets = {
-        name
-        for node in nodes or ()
-        for name in (node.crm_token_env, node.crm_signing_secret_env)
-        if name is not None
-    }
+    the same environment), and so does a secret a node names in its `auth:` section (or
+    the older `crm_token_env` / `crm_signing_secret_env`); `nodes` is None when they could
+    not be loaded."""
+    secrets = {name for node in nodes or () for name in env_names(node.auth)}
     return unknown_variables(
         environ, setting_variables(GatewaySettings, ResolverSettings), also_read=secrets
     )
@@ -149,28 +146,29 @@ async def build_resolver(
     stack.push_async_callback(crm.close)
     if cache is None:
         cache = build_cache(stack, settings)
-    # Resolvers sharing a Redis merge identical lookups across processes through it; alone
-    # on a memory cache, the in-process single-flight is all there is to merge.
-    flights = cache if isinstance(cache, RedisCache) else None
     breakers = BreakerRegistry(
         failure_threshold=settings.breaker_failures, reset_after=settings.breaker_reset
     )
-    resolver = Resolver(
-        lambda: store.current, crm, cache, metrics, breakers=breakers, flights=flights
-    )
+    resolver = Resolver(lambda: store.current, crm, cache, metrics, breakers=breakers)
     stack.push_async_callback(resolver.close)
     return resolver
 
 
 async def serve(settings: ResolverSettings) -> int:
     if not settings.amqp_url:
-        log.error("crm-resolver needs CALLERID_AMQP_URL (or run `agi-gateway --embedded`)")
-        return 2
+        raise startup_errors.StartupError(
+            "amqp_url",
+            "not set: the resolver takes its requests from RabbitMQ",
+            "set it, e.g. amqp://user:password@rabbitmq:5672/; for one box without a broker "
+            "run `agi-gateway --embedded` instead",
+        )
     if settings.nodes is None:
         for message in unknown_environment(os.environ, None):  # a typo may be why
             log.warning("%s", message)
-        log.error("cannot start: %s", NODES_REQUIRED)
-        return 2
+        raise ConfigError(NODES_REQUIRED)  # one line and the exit status: shared.startup_errors
+    # Before anything slow: a SIGTERM while starting (a deploy rolled back, a pod evicted)
+    # then stops the service cleanly once it has started, instead of killing it mid-start.
+    stop = runtime.stop_on_signals()
     credentials = CrmCredentials(os.environ)
     try:
         # A reload naming a secret that is not in the environment is refused like any bad one.
@@ -181,11 +179,10 @@ async def serve(settings: ResolverSettings) -> int:
         )
         store = NodeStore(CheckedSource(source, credentials))
         await store.load_initial()
-    except ConfigError as exc:
+    except ConfigError:
         for message in unknown_environment(os.environ, None):
             log.warning("%s", message)
-        log.error("cannot start: %s", exc)
-        return 2
+        raise
     for message in unknown_environment(os.environ, store.current):
         log.warning("%s", message)
     if not len(store.current):
@@ -198,20 +195,25 @@ async def serve(settings: ResolverSettings) -> int:
     async with contextlib.AsyncExitStack() as stack:
         metrics = ResolverMetrics(registry)
         resolver = await build_resolver(stack, settings, store, metrics, credentials)
+        if settings.redis_url:
+            await startup_errors.warn_if_cache_unreachable(settings.redis_url)  # starts anyway
         worker = AmqpWorker(
             settings.amqp_url,
             resolver,
             metrics,
-            topology=Topology(prefix=settings.amqp_prefix),
+            topology=Topology(prefix=settings.amqp_prefix, queue_type=settings.amqp_queue_type),
             prefetch=settings.prefetch,
             node_label=node_labeler(store),
             ssl_context=amqp_ssl_context(settings.amqp_url, settings.amqp_ca_bundle),
         )
-        await worker.start()
+        # Listening first: a port that is taken stops the start before anything is consumed.
         host, port = parse_listen(settings.http_listen)
-        http = await start_http(host, port, registry, lambda: worker.ready)
+        with startup_errors.listening("http_listen", settings.http_listen):
+            http = await start_http(host, port, registry, lambda: worker.ready)
         stack.push_async_callback(http.cleanup)
-        stop = runtime.stop_on_signals()
+        # In the background: not ready (/readyz 503) until a node of CALLERID_AMQP_URL
+        # answers; retried with growing waits meanwhile (shared.amqp_link).
+        await worker.start(wait=False)
         await runtime.wait_first(stop, store.watch(settings.reload_interval))
         log.info("stopping: finishing %d in-flight requests", worker.in_flight)
         await worker.stop(drain_timeout=settings.stop_timeout)
