@@ -37,8 +37,8 @@ run: $(RUN_STAMP) ## the embedded gateway on 127.0.0.1:4573 (metrics :9100) + mo
 test: $(STAMP) services lint typecheck ## what CI runs: services, tools, ruff, mypy, all tests incl. real Asterisk (root)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) ## unit tests only (no RabbitMQ/Redis/Asterisk, no slow forms; about 1.5 min); no root
-	$(BIN)/python -m pytest -m "$(FAST)"
+test-fast: $(STAMP) ## tests/unit: no RabbitMQ/Redis/Asterisk/containers, no slow forms (~1.5 min); no root
+	$(BIN)/python -m pytest tests/unit -m "$(FAST)"
 
 lint: $(STAMP) ## ruff check + ruff format --check
 	$(BIN)/ruff check .
@@ -53,7 +53,7 @@ services: ## install/start local Redis + RabbitMQ and the deploy-test tools (apt
 	bash tools/container/ensure_podman.sh || echo "services: no container engine:" \
 		"tests/deploy/ fails under CI=true and skips elsewhere" >&2
 
-# The smoke form is the one tests/test_bench_smoke.py runs in the suite.
+# The smoke form is the one tests/load/test_bench_smoke.py runs in the suite.
 bench: $(STAMP) services ## the benchmark (README "Benchmark"); BENCH_SMOKE=1: its ~45 s smoke form
 	if [ -n "$$BENCH_SMOKE" ]; then $(BIN)/python -m bench.run --smoke; else $(BIN)/python -m bench.run --profile; fi
 

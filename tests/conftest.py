@@ -1,4 +1,11 @@
-"""Fixtures shared by the whole suite: real service URLs and isolation helpers."""
+"""Fixtures shared by the whole suite: real service URLs and isolation helpers; the markers
+each folder of tests implies.
+
+The folders say what a test needs (README, "Test"): tests/unit nothing but this machine's
+loopback (the fast loop: `pytest tests/unit`), tests/integration the real RabbitMQ and Redis,
+tests/load the same under load and faults, tests/asterisk a real Asterisk, tests/deploy the
+deploy tools and a container engine.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,22 @@ import pytest
 import redis.asyncio
 
 from tests import services
+
+# Markers a folder implies, so `-m "not integration"` and the Makefile's selections follow
+# the layout without each module repeating them.
+FOLDER_MARKERS = {"integration": ("integration",), "load": ("integration",)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath / "tests"
+    for item in items:
+        try:
+            folder = item.path.relative_to(root).parts[0]
+        except ValueError:
+            continue
+        for marker in FOLDER_MARKERS.get(folder, ()):
+            if item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")

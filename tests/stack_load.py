@@ -1,6 +1,6 @@
 """Steady simulated load on a real-process stack, and the call-by-call checks on it.
 
-Shared by the fault, chaos, soak and drain tests (`tests/test_faults.py`, `test_chaos.py`,
+Shared by the fault, chaos, soak and drain tests (`tests/load/test_faults.py`, `test_chaos.py`,
 `test_soak.py`, `test_drain.py`). What belongs here: placing calls at a rate (`Load`), the
 compact record of each call (`Call`: the decision, the wait, whether the gateway closed the
 socket — not the whole transcript, so a ten-minute soak does not hold 100,000 of them), the

@@ -3,7 +3,7 @@
 answer parser), nodes (YAML text through the node loader). A crash is any exception outside
 the module's own error tree; libFuzzer then writes the input as crash-<sha1>.
 
-Run by tests/test_fuzz_atheris.py (short by default, long behind `slow`). Inputs worth
+Run by tests/unit/test_fuzz_atheris.py (short by default, long behind `slow`). Inputs worth
 keeping go to tests/corpus/<target>/.
 """
 
@@ -51,7 +51,7 @@ def nodes(data: bytes) -> None:
         document = yaml.safe_load(data)
     except (yaml.YAMLError, ValueError, RecursionError):
         # PyYAML's own failures (ValueError/RecursionError not yet mapped by YamlFileSource:
-        # see YAML_ESCAPES in tests/test_fuzz_config_and_crm.py); the target is our code.
+        # see YAML_ESCAPES in tests/unit/test_fuzz_config_and_crm.py); the target is our code.
         return
     with contextlib.suppress(ConfigError):
         nodes_from_document(document, where="fuzz")

@@ -2,7 +2,7 @@
 in-process adapter (`MemoryCache`) and against the real Redis (`RedisCache`, on the shared
 Redis with a key prefix of the test's own). Every case runs against both, so the resolver's
 one algorithm behaves the same in embedded mode and scaled out, and the unit tests of the
-resolver (tests/test_resolver.py, which run on the memory adapter) speak for Redis too.
+resolver (tests/unit/test_resolver.py, which run on the memory adapter) speak for Redis too.
 
 The last case runs twice as well: the breakable test cache (`tests.fakes.RecordingCache`,
 broken, as the resolver's unit tests use it) against a Redis that is not there, both failing

@@ -42,9 +42,9 @@ from shared.destination import Destination
 from shared.node_sources import RedisHashSource, source_from_setting
 from shared.nodes import ConfigError, NodeConfig
 from shared.outcomes import Verdict
+from tests.integration.test_amqps import make_certificate
+from tests.integration.test_node_sources import GOLD_HASHES
 from tests.stack_load import SLACK, Load, check_calls, note, until
-from tests.test_amqps import make_certificate
-from tests.test_node_sources import GOLD_HASHES
 from tools.redis_sentinel import SentinelCluster, Tls
 from tools.stack import Stack, metric_value
 

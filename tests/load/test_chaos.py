@@ -14,8 +14,9 @@ random time, with a random quiet gap after it:
 - rabbitmq-restart: RabbitMQ stop_app / start_app (only under CI=true or with
   CALLERID_TEST_BROKER_RESTART=1: it disturbs everyone on this machine's broker).
 
-The gateway receiving SIGTERM with live calls is its own test (`tests/test_drain.py`): it ends
-the gateway, so it cannot sit in the middle of a schedule.
+The gateway receiving SIGTERM with live calls is its own test
+(`tests/integration/test_drain.py`): it ends the gateway, so it cannot sit in the middle of a
+schedule.
 
 Invariants, call by call (`tests.stack_load.check_calls`): every call gets a decision and
 OML_IDENT_OUTCOME within its budget (crm_timeout + 250 ms after its last digit) and the

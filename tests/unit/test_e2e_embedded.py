@@ -320,7 +320,7 @@ def test_socket_grammar_takes_the_decision_line_and_nothing_near_it(
 
 # What a caller can type, and more: Asterisk only sends DTMF, but the gateway must not trust it.
 # No spaces: a space would not make the entry odd but the simulated reply line itself
-# ("200 result=1 2"), which is the AGI parser's case (tests/test_agi_protocol.py): an
+# ("200 result=1 2"), which is the AGI parser's case (tests/unit/test_agi_protocol.py): an
 # unparseable reply breaks the session, with no outcome to write. No lone surrogates: they
 # have no bytes, so no Asterisk can send them (the simulator could not even encode them).
 _entries = st.one_of(

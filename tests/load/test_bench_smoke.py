@@ -18,7 +18,7 @@ import pytest
 
 from tests.services import LOCAL_AMQP, LOCAL_REDIS, find_service
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = {
     "floor_throughput",
     "floor_latency",

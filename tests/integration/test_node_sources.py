@@ -33,7 +33,7 @@ from shared.nodes import ConfigError, NodeSet, build_nodes
 from shared.outcomes import Interaction
 from shared.settings import CommonSettings
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nodes.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nodes.yaml"
 REDIS_DB = 13
 
 GOLD_YAML = """\

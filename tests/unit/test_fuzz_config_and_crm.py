@@ -34,7 +34,7 @@ from shared.node_sources import YamlFileSource, nodes_from_document
 from shared.nodes import ConfigError, NodeConfig, build_node
 from shared.outcomes import Verdict
 
-CORPUS = Path(__file__).parent / "corpus"
+CORPUS = Path(__file__).parents[1] / "corpus"
 CRM_CORPUS = sorted((CORPUS / "crm").glob("*.json"))
 NODE_CORPUS = sorted((CORPUS / "nodes").glob("*.yaml"))
 EXAMPLES = int(os.environ.get("CALLERID_FUZZ_EXAMPLES", "150"))

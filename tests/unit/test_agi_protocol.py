@@ -23,7 +23,7 @@ from agi_gateway.protocol import (
     Reply,
 )
 
-TRANSCRIPTS = Path(__file__).parent / "transcripts"
+TRANSCRIPTS = Path(__file__).parents[1] / "transcripts"
 VALID = sorted(TRANSCRIPTS.glob("*.agi"))
 ENV = b"agi_network: yes\nagi_network_script: identify/1\n\n"
 DEAD = "511 Command Not Permitted on a dead channel or intercept routine"
@@ -361,6 +361,6 @@ def test_arbitrary_bytes_only_ever_raise_protocol_errors(data: bytes, chunks: li
 
 def test_parser_module_does_not_import_asyncio() -> None:
     """The protocol module stays free of I/O: it does not import asyncio."""
-    source = (Path(__file__).parents[1] / "services/agi_gateway/protocol.py").read_text()
+    source = (Path(__file__).parents[2] / "services/agi_gateway/protocol.py").read_text()
     assert "import asyncio" not in source
     assert "from asyncio" not in source

@@ -32,7 +32,7 @@ from agi_gateway.app import Gateway
 from agi_gateway.settings import GatewaySettings
 from tests.waiting import eventually
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV_TIMEOUT = 0.4
 GOOD_ENV = b"agi_network: yes\nagi_network_script: identify/1\nagi_uniqueid: 1700000000.1\n"
 NODES_YAML = """

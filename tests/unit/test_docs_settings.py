@@ -22,7 +22,7 @@ from crm_resolver.settings import ResolverSettings
 from shared.nodes import NodeConfig
 from shared.settings import CommonSettings, describe_default, env_name
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 SERVICES: dict[str, type[BaseSettings]] = {
     "gateway": GatewaySettings,
     "resolver": ResolverSettings,

@@ -14,7 +14,13 @@ import redis.asyncio as aioredis
 
 from shared.node_sources import NodeStore, RedisHashSource, YamlFileSource
 from shared.nodes import ConfigError
-from tests.test_node_sources import GOLD_HASHES, GOLD_YAML, redis_db_url, write, write_hashes
+from tests.integration.test_node_sources import (
+    GOLD_HASHES,
+    GOLD_YAML,
+    redis_db_url,
+    write,
+    write_hashes,
+)
 
 REDIS_DB = 9  # this file's own db, flushed by the fixture
 

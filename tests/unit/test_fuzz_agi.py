@@ -38,7 +38,7 @@ from agi_gateway.protocol import (
     Reply,
 )
 
-CORPUS = sorted((Path(__file__).parent / "corpus" / "agi").glob("*.agi"))
+CORPUS = sorted((Path(__file__).parents[1] / "corpus" / "agi").glob("*.agi"))
 EXAMPLES = int(os.environ.get("CALLERID_FUZZ_EXAMPLES", "300"))
 
 _names = st.from_regex(r"agi_[a-z0-9_]{1,12}", fullmatch=True) | st.text(max_size=8)

@@ -32,7 +32,7 @@ from shared.nodes import NodeConfig
 from shared.outcomes import Verdict
 from tools.mock_crm import MockCrm, load_table, mask, start_mock_crm
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_TABLE = ROOT / "examples" / "mock_crm_table.yaml"
 TRUE = CrmAnswer(Verdict.TRUE)
 FALSE = CrmAnswer(Verdict.FALSE)

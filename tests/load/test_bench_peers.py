@@ -27,7 +27,7 @@ from tools.asterisk_sim import CallScript, run_call
 from tools.mock_crm import Table, build_app
 from tools.stack import DEFAULT_TABLE, expected_decision, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PEERS = {"panoramisk": "panoramisk_node", "pystrix": "pystrix_node"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_fuzz_agi import long_form_wanted
+from tests.unit.test_fuzz_agi import long_form_wanted
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "tests" / "fuzz" / "atheris_targets.py"
 TARGETS = ["agi", "crm", "nodes"]
 

@@ -31,10 +31,10 @@ from crm_resolver.ports import CallContext, CrmUnreachable
 from crm_resolver.signing import parse_signing_secret, sign
 from shared.node_sources import CheckedSource, NodeStore, YamlFileSource
 from shared.nodes import ConfigError, NodeConfig, NodeSet
-from tests.test_crm_http import TRUE, AppServer, serve_app
+from tests.unit.test_crm_http import TRUE, AppServer, serve_app
 from tools.asterisk_sim import CallScript, run_call
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
 TOKEN = "tok-3f9a.B_x~+/=="
