@@ -1,12 +1,15 @@
 """Waiting for something another party makes true, with a deadline (never a bare sleep).
 
 The one place tests poll: `eventually` for a condition cheap to check on the event loop,
-`eventually_in_thread` for one that blocks (a CLI round trip, an HTTP scrape).
+`eventually_in_thread` for one that blocks (a CLI round trip, an HTTP scrape), `stderr_until`
+for what a process we started says.
 """
 
 from __future__ import annotations
 
 import asyncio
+import selectors
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -34,3 +37,19 @@ async def eventually_in_thread(
             raise AssertionError(f"not within {within:g} s: {what}")
         await asyncio.sleep(interval)
     return time.monotonic() - started
+
+
+def stderr_until(process: subprocess.Popen[str], wanted: list[str], timeout: float) -> str:
+    """The process's stderr, read until every `wanted` text appeared (or the time is up)."""
+    assert process.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stderr, selectors.EVENT_READ)
+        while not all(text in seen for text in wanted) and time.monotonic() < deadline:
+            if selector.select(timeout=0.2):
+                line = process.stderr.readline()
+                if not line:
+                    break
+                seen += line
+    return seen

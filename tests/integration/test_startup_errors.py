@@ -23,11 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import selectors
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import pytest
 
 from shared.startup_errors import warn_if_cache_unreachable
 from tests import services
+from tests.waiting import stderr_until
 
 # The first case's setup runs every process (a few at a time): on a loaded 2-core box that is
 # well over the suite's 60 s per test.
@@ -262,22 +261,6 @@ def test_one_line_naming_the_setting_and_a_non_zero_exit(
     assert result.status == case.status, result.output
 
 
-def _stderr_until(process: subprocess.Popen[str], wanted: list[str], timeout: float) -> str:
-    """The process's stderr, read until every `wanted` text appeared (or the time is up)."""
-    assert process.stderr is not None
-    seen = ""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stderr, selectors.EVENT_READ)
-        while not all(text in seen for text in wanted) and time.monotonic() < deadline:
-            if selector.select(timeout=0.2):
-                line = process.stderr.readline()
-                if not line:
-                    break
-                seen += line
-    return seen
-
-
 DEGRADED = {
     # name: (script, argv, environment, the line's level, what the line says)
     "a cache Redis that does not answer": (
@@ -328,7 +311,7 @@ def test_a_peer_missing_at_start_is_one_line_and_the_service_runs(
         [str(BIN / script), *argv], env=env, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
-            log = _stderr_until(process, [says], timeout=DEADLINE)
+            log = stderr_until(process, [says], timeout=DEADLINE)
             assert process.poll() is None, log
         finally:
             process.terminate()

@@ -9,11 +9,9 @@ import asyncio
 import logging
 import os
 import re
-import selectors
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +35,7 @@ from shared.startup_errors import (
     listening,
     origins,
 )
+from tests.waiting import stderr_until
 
 NODE = {
     "id": 1,
@@ -175,22 +174,6 @@ def test_nodes_are_required(
     assert "CALLERID_NODE: not a setting, ignored; did you mean CALLERID_NODES?" in warnings
 
 
-def _stderr_until(process: subprocess.Popen[str], wanted: list[str], timeout: float) -> str:
-    """The process's stderr, read until every `wanted` text appeared (or the time is up)."""
-    assert process.stderr is not None
-    seen = ""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stderr, selectors.EVENT_READ)
-        while not all(text in seen for text in wanted) and time.monotonic() < deadline:
-            if selector.select(timeout=0.2):
-                line = process.stderr.readline()
-                if not line:
-                    break
-                seen += line
-    return seen
-
-
 def test_gateway_warns_about_typos_and_empty_nodes_and_keeps_running(tmp_path: Path) -> None:
     """A real `agi-gateway` with `nodes: []` and a misspelt variable logs both warnings and
     serves on (it is not a start-up failure)."""
@@ -215,7 +198,7 @@ def test_gateway_warns_about_typos_and_empty_nodes_and_keeps_running(tmp_path: P
         text=True,
     ) as process:
         try:
-            log = _stderr_until(process, wanted, timeout=30)
+            log = stderr_until(process, wanted, timeout=30)
             assert process.poll() is None, log
         finally:
             process.terminate()
