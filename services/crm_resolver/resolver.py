@@ -104,6 +104,7 @@ from crm_resolver.ports import (
     Lease,
 )
 from crm_resolver.singleflight import SingleFlight
+from shared.answering import answer_request
 from shared.crm_answer import answer_reply, judge
 from shared.messages import IdentifyReply, IdentifyRequest
 from shared.metrics import UNKNOWN_NODE
@@ -237,19 +238,16 @@ class Resolver:
         self._meters: dict[str, _NodeMeters] = {}
 
     async def __call__(self, request: IdentifyRequest) -> IdentifyReply:
+        node = self._nodes().get(request.node_id)
+        meters = self._meters_for(node.name if node is not None else UNKNOWN_NODE)
         in_flight = self._metrics.in_flight
         in_flight.inc()
-        meters: _NodeMeters | None = None
         try:
-            node = self._nodes().get(request.node_id)
-            meters = self._meters_for(node.name if node is not None else UNKNOWN_NODE)
-            reply = await self._resolve(request, node, meters)
-        except Exception:
-            log.exception("internal error answering request %s", request.request_id)
-            reply = IdentifyReply.failure(request.request_id, ErrorCode.INTERNAL)
+            # A bug below still gets a reply, counted under its node (shared.answering).
+            reply = await answer_request(lambda r: self._resolve(r, node, meters), request)
         finally:
             in_flight.dec()
-        (meters or self._meters_for(UNKNOWN_NODE)).requests[reply.verdict].inc()
+        meters.requests[reply.verdict].inc()
         return reply
 
     async def close(self) -> None:
