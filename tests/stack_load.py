@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from shared.outcomes import Outcome
 from tests.waiting import eventually_in_thread
 from tools.asterisk_sim import CallResult, CallScript, run_call
 from tools.stack import DEFAULT_FAILOVER, Proc, Stack, expected_decision, http_get, metric_value
@@ -39,7 +40,7 @@ SLACK = 0.25
 CRM_NODES = ("gold-customers", "crm-router")
 # What the CRM's faults make of a call: a timeout, an error (5xx, refused, circuit open) and,
 # for a CRM answering garbage, a bad response. All three route to the node's on_error.
-FAILOVER_OUTCOMES = frozenset({"crm_timeout", "crm_error", "crm_bad_response"})
+FAILOVER_OUTCOMES = frozenset(outcome.value for outcome in Outcome if outcome.is_failover)
 
 
 def note(line: str) -> None:

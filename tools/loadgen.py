@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from shared.outcomes import Outcome
 from tools.asterisk_sim import OUTCOME_VARIABLE, CallResult, CallScript, run_call
 from tools.node_fixture import nodes_template
 from tools.stats import percentile
@@ -282,21 +283,8 @@ class CallRecord:
     expected: bool = False  # its decision was checked against an expected one
 
 
-# OML_IDENT_OUTCOME's values (shared.outcomes.Outcome; the tools do not import the services).
-OUTCOMES = frozenset(
-    {
-        "identified",
-        "not_identified",
-        "crm_destination",
-        "no_input",
-        "invalid_input",
-        "crm_timeout",
-        "crm_error",
-        "crm_bad_response",
-        "hangup",
-        "config_error",
-    }
-)
+# OML_IDENT_OUTCOME's values: the vocabulary's (shared.outcomes), not a copy of it.
+OUTCOMES = frozenset(outcome.value for outcome in Outcome)
 UNROUTED_OUTCOMES = frozenset({"hangup", "config_error"})  # may leave without a destination
 _DESTINATION = re.compile(r"\d{1,3},\d{1,10}")  # Destination: type 0..999, id an int32
 
