@@ -77,14 +77,14 @@ class MemoryBus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._waiting += 1
+        # At the deadline the answer itself fails (a loop timer: cheaper than a timeout
+        # context around the wait); giving up touches only the future, and the handler goes on
+        # (its answer may still warm the cache).
+        timer = loop.call_later(left, _give_up, answer)
         try:
-            async with asyncio.timeout(left):
-                # Awaiting the future, not the task: giving up cancels only the future, and
-                # the handler goes on (its answer may still warm the cache).
-                return await answer
-        except TimeoutError as exc:
-            raise IdentifyTimeout("no reply before the request's deadline") from exc
+            return await answer
         finally:
+            timer.cancel()
             self._waiting -= 1
 
     async def _deliver(
@@ -114,3 +114,8 @@ class MemoryBus:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _give_up(answer: asyncio.Future[IdentifyReply]) -> None:
+    if not answer.done():
+        answer.set_exception(IdentifyTimeout("no reply before the request's deadline"))

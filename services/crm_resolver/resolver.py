@@ -110,6 +110,7 @@ from shared.messages import IdentifyReply, IdentifyRequest
 from shared.metrics import UNKNOWN_NODE
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import CacheLookup, CircuitState, ErrorCode, Source, Verdict
+from shared.waits import done_within
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +277,15 @@ class Resolver:
             return IdentifyReply.failure(request.request_id, ErrorCode.EXPIRED)
         customer_id = request.customer_id
         context = CallContext(request.caller_number, request.call_id)
-        try:
-            async with asyncio.timeout(deadline - self._clock()):
-                resolution, joined = await self._flights.run(
-                    (node.id, customer_id),
-                    lambda: self._shared_lookup(_Ask(node, customer_id, deadline, context, meters)),
-                )
-        except TimeoutError:
-            # Given up before the shared call ended: not answered from the cache.
+        flight, joined = self._flights.start(
+            (node.id, customer_id),
+            lambda: self._shared_lookup(_Ask(node, customer_id, deadline, context, meters)),
+        )
+        if await done_within(flight, deadline - self._clock()):
+            resolution = flight.result()
+        else:
+            # Given up before the shared call ended (it goes on for the others and the
+            # cache): not answered from the cache.
             lookup = _Lookup.MISS if node.caches else None
             resolution, joined = (
                 _Resolution(None, ErrorCode.CRM_TIMEOUT, None, lookup=lookup),

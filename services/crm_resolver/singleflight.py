@@ -37,13 +37,20 @@ class SingleFlight(Generic[K, V]):
 
         The factory's exception, if any, is raised to every caller.
         """
+        task, joined = self.start(key, factory)
+        return await asyncio.shield(task), joined
+
+    def start(self, key: K, factory: Callable[[], Awaitable[V]]) -> tuple[asyncio.Task[V], bool]:
+        """The shared call for `key` (started with `factory` unless one is in flight), and
+        whether it was in flight; for callers that wait on it their own way (never cancel it:
+        others share it)."""
         task = self._calls.get(key)
         if task is not None:
-            return await asyncio.shield(task), True
+            return task, True
         task = asyncio.create_task(_await(factory))
         self._calls[key] = task
         task.add_done_callback(lambda done: self._forget(key, done))
-        return await asyncio.shield(task), False
+        return task, False
 
     async def close(self) -> None:
         """Cancel the calls still running and wait until they have ended."""
