@@ -35,6 +35,7 @@ Exception tree (the flow's view of a channel):
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -58,6 +59,21 @@ from agi_gateway.session import AgiSession, AgiSessionError, CallerHungUp
 # The channel variable Read() leaves the digits in. Not inherited (no "__"): the validated
 # entry reaches the agent's leg as OML_CUSTOMER_ID / OMLCODCLI, a rejected one never does.
 ENTRY_VARIABLE = "CALLERID_ENTRY"
+
+
+# A node's commands are the same on every call: built (and checked) once, not per call.
+@functools.lru_cache(maxsize=1024)
+def _set_timeouts(first_digit: float, between_digits: float) -> MultiSet:
+    return MultiSet(
+        [("TIMEOUT(response)", f"{first_digit:.3f}"), ("TIMEOUT(digit)", f"{between_digits:.3f}")]
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_entry(prompt: str, max_digits: int) -> ReadDigits:
+    return ReadDigits(ENTRY_VARIABLE, prompt, max_digits)
+
+
 _READ_RESULT = GetFullVariable(f"${{{ENTRY_VARIABLE}}},${{READSTATUS}}")
 OK = 200
 _APP_MISSING = "-2"
@@ -214,17 +230,10 @@ class AgiChannel:
     ) -> Entry:
         timeouts = (first_digit, between_digits)
         if timeouts != self._timeouts:  # once per node: later attempts reuse them
-            await self._done(
-                MultiSet(
-                    [
-                        ("TIMEOUT(response)", f"{first_digit:.3f}"),
-                        ("TIMEOUT(digit)", f"{between_digits:.3f}"),
-                    ]
-                )
-            )
+            await self._done(_set_timeouts(first_digit, between_digits))
             self._timeouts = timeouts
         limit = first_digit + max_digits * between_digits + PLAY_ALLOWANCE
-        await self._done(ReadDigits(ENTRY_VARIABLE, prompt, max_digits), timeout=limit)
+        await self._done(_read_entry(prompt, max_digits), timeout=limit)
         ended_at = self._session.replied_at
         result = read_result(await self._session.run(_READ_RESULT))
         if isinstance(result, Entry):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agi_gateway.commands import (
+    _SAFE_TEXT,
+    NARROW_PATTERNS,
     Answer,
     ChannelStatus,
     Command,
@@ -313,3 +316,23 @@ def test_any_multiset_is_refused_or_set_exactly(pairs: list[tuple[str, str]]) ->
 def test_command_error_is_a_value_error() -> None:
     """CommandError is a ValueError, so config validation can treat it as one."""
     assert issubclass(CommandError, ValueError)
+
+
+@pytest.mark.parametrize("pattern", NARROW_PATTERNS, ids=lambda p: p.pattern[:30])
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_narrow_pattern_matches_nothing_safe_text_refuses(
+    pattern: re.Pattern[str], data: st.DataObject
+) -> None:
+    """`_text` trusts one match of these patterns: each must be a subset of _SAFE_TEXT."""
+    value = data.draw(st.from_regex(pattern, fullmatch=True))
+    assert _SAFE_TEXT.fullmatch(value), value
+
+
+def test_the_narrow_patterns_refuse_every_dangerous_character() -> None:
+    """The same from the other side, exhaustively for one character in any position."""
+    for pattern in NARROW_PATTERNS:
+        for code in [*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100), 0x2028, 0xFFFF]:
+            char = chr(code)
+            for probe in (char, f"a{char}", f"{char}a", f"a{char}a", f"1{char}1", f"${{A}}{char}"):
+                assert not pattern.fullmatch(probe), (pattern.pattern, probe)
