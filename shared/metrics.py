@@ -1,10 +1,16 @@
-"""Shared metric helpers: the SLO bucket edges and zero-initialisation of labelled series."""
+"""Shared metric helpers: the SLO bucket edges, zero-initialisation of labelled series, and
+remembered children for the per-call path."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from prometheus_client import Counter
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # Label for a node id that is not configured: callers cannot create series by dialling
 # random node paths, and a resolver never labels by an id taken from a message.
@@ -30,3 +36,14 @@ def zero_init(counter: Counter, label_sets: Iterable[tuple[str, ...]]) -> None:
     """Create every series up front so rates and alerts see 0, not absence."""
     for labels in label_sets:
         counter.labels(*labels)
+
+
+def children(metric: M) -> Callable[..., M]:
+    """`metric.labels`, remembered per label values.
+
+    `labels()` takes the metric's lock and builds tuples on every call, and the gateway counts
+    several series per call; a child, once made, is the same object for good (no series is
+    ever removed here), so it is looked up once. Label values come from configured node names
+    and enums only, so the number of children is bounded; the cache is capped all the same.
+    """
+    return functools.lru_cache(maxsize=4096)(metric.labels)

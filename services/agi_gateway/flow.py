@@ -284,7 +284,7 @@ class CallFlow:
             if not reply_task.done():
                 reply_task.cancel()
                 await asyncio.wait([reply_task])
-        self._metrics.identification_wait.labels(node.name).observe(self._monotonic() - started)
+        self._metrics.identification_wait_of(node.name).observe(self._monotonic() - started)
         if channel.hung_up:
             channel.raise_if_broken()
             raise CallerHungUp("hung up while waiting for the CRM")
@@ -295,22 +295,22 @@ class CallFlow:
     def _reply_decision(
         self, node: NodeConfig, customer_id: str, reply_task: asyncio.Future[IdentifyReply]
     ) -> Decision:
-        counter = self._metrics.identify_requests
+        counter = self._metrics.identify_requests_of
         if reply_task.cancelled():  # neither reply nor error in time: our own deadline, or abort
-            counter.labels(node.name, "timeout").inc()
+            counter(node.name, "timeout").inc()
             return failover_decision(node, Outcome.CRM_TIMEOUT, customer_id)
         error = reply_task.exception()
         if isinstance(error, IdentifyTimeout):
-            counter.labels(node.name, "timeout").inc()
+            counter(node.name, "timeout").inc()
             return failover_decision(node, Outcome.CRM_TIMEOUT, customer_id)
         if isinstance(error, IdentifyUnavailable):
-            counter.labels(node.name, "unavailable").inc()
+            counter(node.name, "unavailable").inc()
             return failover_decision(node, Outcome.CRM_TIMEOUT, customer_id)
         if error is not None:
             log.error("identification failed unexpectedly", exc_info=error)
-            counter.labels(node.name, "unavailable").inc()
+            counter(node.name, "unavailable").inc()
             return failover_decision(node, Outcome.CRM_ERROR, customer_id)
-        counter.labels(node.name, "reply").inc()
+        counter(node.name, "reply").inc()
         return reply_decision(node, reply_task.result(), customer_id)
 
     def _cannot_run(self, node: NodeConfig) -> Decision:
@@ -318,7 +318,7 @@ class CallFlow:
         return config_error_decision(fallback)
 
     def _record(self, label: str, decision: Decision) -> None:
-        self._metrics.calls.labels(label, decision.outcome.value, decision.source.value).inc()
+        self._metrics.calls_of(label, decision.outcome.value, decision.source.value).inc()
 
 
 class _RefusalLog:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agi_gateway.limits import Limit
-from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, zero_init
+from shared.metrics import SLO_BUCKETS, UNKNOWN_NODE, children, zero_init
 from shared.outcomes import CacheLookup, Outcome, Source
 
 RPC_RESULTS = ("reply", "timeout", "unavailable")
@@ -94,6 +94,10 @@ class GatewayMetrics:
             "Identification nodes in the active configuration.",
             registry=registry,
         )
+        # The series every call touches, looked up once per label values (shared.metrics).
+        self.calls_of = children(self.calls)
+        self.identification_wait_of = children(self.identification_wait)
+        self.identify_requests_of = children(self.identify_requests)
 
     def init_nodes(self, node_names: Iterable[str]) -> None:
         names = [*node_names, UNKNOWN_NODE]
