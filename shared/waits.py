@@ -10,7 +10,7 @@ several times a call, so this module does the same with one loop timer and one f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 
@@ -43,3 +43,22 @@ async def done_within(future: asyncio.Future[Any], seconds: float) -> bool:
         timer.cancel()
         future.remove_done_callback(wake)
     return future.done()
+
+
+async def first_done(futures: Collection[asyncio.Future[Any]], seconds: float) -> None:
+    """Wait until any of `futures` is done or `seconds` have passed (`asyncio.wait` with
+    FIRST_COMPLETED, without the sets it builds); none of them is cancelled."""
+    if any(future.done() for future in futures):
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    wake = waker(waiter)
+    for future in futures:
+        future.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for future in futures:
+            future.remove_done_callback(wake)

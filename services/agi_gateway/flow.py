@@ -46,6 +46,7 @@ from shared.metrics import UNKNOWN_NODE
 from shared.nodes import NodeConfig, NodeSet
 from shared.outcomes import Outcome
 from shared.ports import Identifier, IdentifyTimeout, IdentifyUnavailable
+from shared.waits import first_done
 
 log = logging.getLogger(__name__)
 
@@ -268,18 +269,14 @@ class CallFlow:
             limit = node.crm_timeout + self._settings.deadline_slack
             # The hang-up and the abort are futures shared with others: waited on, never
             # cancelled here.
-            waiting: set[asyncio.Future[Any]] = {reply_task, channel.hangup, abort}
+            waiting: tuple[asyncio.Future[Any], ...] = (reply_task, channel.hangup, abort)
             if node.hold_music_after is not None and node.hold_music_after < limit:
-                done, _ = await asyncio.wait(
-                    waiting, timeout=node.hold_music_after, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
+                await first_done(waiting, node.hold_music_after)
+                if not any(future.done() for future in waiting):
                     await channel.hold_music(True, node.hold_music_class)
                     music = True
             remaining = limit - (self._monotonic() - started)
-            await asyncio.wait(
-                waiting, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
-            )
+            await first_done(waiting, max(remaining, 0))
         finally:
             if not reply_task.done():
                 reply_task.cancel()
