@@ -172,11 +172,13 @@ class AmqpIdentifier:
                 raise IdentifyUnavailable("the broker rejected the request (queue full)") from exc
             except _PUBLISH_ERRORS as exc:
                 raise IdentifyUnavailable(f"publishing failed: {exc!r}") from exc
+            # At the deadline the future itself fails (a loop timer: cheaper than a timeout
+            # context, and this runs on every call).
+            timer = loop.call_at(deadline, _give_up, future)
             try:
-                async with asyncio.timeout_at(deadline):
-                    return await future
-            except TimeoutError as exc:
-                raise IdentifyTimeout("no reply before the request's deadline") from exc
+                return await future
+            finally:
+                timer.cancel()
         finally:
             del self._pending[correlation_id]
             if not future.done():
@@ -227,3 +229,8 @@ class AmqpIdentifier:
                 # A caller still publishing never awaits its future; mark the exception seen so
                 # asyncio does not log it. A caller that does await it still gets it raised.
                 future.exception()
+
+
+def _give_up(future: asyncio.Future[IdentifyReply]) -> None:
+    if not future.done():
+        future.set_exception(IdentifyTimeout("no reply before the request's deadline"))
