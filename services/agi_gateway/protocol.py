@@ -109,9 +109,6 @@ def _excerpt(text: str) -> str:
     return repr(text[:_EXCERPT] + ("..." if len(text) > _EXCERPT else ""))
 
 
-_NOTHING = object()  # `_one_reply`: the line was taken and completes no event
-
-
 class AgiParser:
     def __init__(
         self, *, max_line: int = 8192, max_env_lines: int = 256, max_usage_lines: int = 256
@@ -136,9 +133,9 @@ class AgiParser:
             return []
         self._seen_bytes = True
         if self._state is _State.REPLIES and not self._buffer:
-            event = self._one_reply(data)
-            if event is not None:
-                return [] if event is _NOTHING else [event]
+            taken = self._one_reply(data)
+            if taken is not None:
+                return taken
         self._buffer += data
         events: list[Event] = []
         try:
@@ -158,10 +155,11 @@ class AgiParser:
             raise AgiProtocolError(str(exc), tuple(events)) from None
         return events
 
-    def _one_reply(self, data: bytes) -> Event | object | None:
+    def _one_reply(self, data: bytes) -> list[Event] | None:
         """The common case after the environment, one whole reply line in one segment, taken
-        without the buffer: its event (`_NOTHING` for a line that completes none), or None
-        when `data` is anything else, for the general path to take exactly as before."""
+        without the buffer: the events it completes (one, or none for a 520 block's first
+        line), or None when `data` is anything else, for the general path to take exactly as
+        before."""
         if (
             data.find(b"\n") != len(data) - 1
             or len(data) > self._max_line
@@ -178,7 +176,7 @@ class AgiParser:
         except AgiProtocolError as exc:
             self._fail(exc)
             raise AgiProtocolError(str(exc), ()) from None
-        return _NOTHING if event is None else event
+        return [] if event is None else [event]
 
     def feed_eof(self) -> list[Event]:
         """The peer closed the connection: `[EndOfStream()]`, or AgiProtocolError if it closed
