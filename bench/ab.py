@@ -3,8 +3,9 @@
 The question it answers: did a change make a cache miss cheaper? Two embedded gateways run side by
 side on loopback, each with its own mock CRM (the same LOADGEN_CRM_TABLE): "A" is the code of
 `--base` (a git revision, checked out with `git worktree` into a temporary directory and put
-first on the gateway's PYTHONPATH, so the installed entry point imports it instead of this
-checkout), "B" is this checkout as it is, uncommitted changes included. Rounds alternate A, B, A,
+first on the gateway's PYTHONPATH, so the installed entry point imports it instead of the
+checkout it was installed from), "B" is the checkout this module is in, as it is, uncommitted
+changes included (first on its PYTHONPATH in the same way). Rounds alternate A, B, A,
 B, ... with the load of `bench.peers.run`'s throughput runs (the same node, mix and load
 generator: 64 calls at once, closed loop, new ids every round, every decision checked), because
 this machine's speed drifts within minutes: a ratio of neighbouring rounds holds where absolute
@@ -53,11 +54,11 @@ def drop_worktree(path: Path) -> None:
     )
 
 
-def start_side(name: str, workdir: Path, code: Path | None) -> Stack:
-    """An embedded gateway and its mock CRM; `code` (a checkout) replaces this one's packages."""
-    extra = {}
-    if code is not None:
-        extra["PYTHONPATH"] = os.pathsep.join([str(code / "services"), str(code)])
+def start_side(name: str, workdir: Path, code: Path) -> Stack:
+    """An embedded gateway and its mock CRM running the packages of the checkout `code`."""
+    # First on the path: the installed entry point would otherwise import the checkout the
+    # virtualenv was installed from, which need not be this one.
+    extra = {"PYTHONPATH": os.pathsep.join([str(code / "services"), str(code)])}
     stack = Stack(
         workdir / name,
         amqp_url=None,
@@ -88,9 +89,7 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         }
     if out.get("A") and out.get("B"):
         a, b = out["A"], out["B"]
-        out["B/A"] = {
-            key: round(b[key] / a[key], 3) for key in a if key != "rounds" and a[key]
-        }
+        out["B/A"] = {key: round(b[key] / a[key], 3) for key in a if key != "rounds" and a[key]}
     return out
 
 
@@ -111,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         rounds: list[dict[str, Any]] = []
         try:
             sides["A"] = start_side("A", workdir, code)
-            sides["B"] = start_side("B", workdir, None)
+            sides["B"] = start_side("B", workdir, ROOT)
             offset = 0
             servers = {}
             for name, stack in sides.items():
-                assert stack.gateway is not None and stack.crm is not None
+                assert stack.gateway is not None
+                assert stack.crm is not None
                 servers[name] = Server(name, stack.gateway, stack.agi_address[1])
                 offset += ID_BLOCK
                 check = check_decisions(servers[name], offset)
