@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -17,6 +18,13 @@ from shared.settings import CommonSettings, configure_logging, flag_overrides
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=CommonSettings)
+# Allocations between two collections of the youngest generation (CPython's default is 700).
+# Counted on the gateway under load (gc.get_stats over 5,325 embedded calls, default settings):
+# 741 young, 67 middle and 6 full collections, which found 2,076 objects of cyclic garbage in
+# all: nearly everything a call makes is freed by reference counting, and the collections,
+# the full ones walking the whole heap above all, were pure cost (bench/ab.py: this and
+# `heap_settled` took the gateway's CPU per call down by about a tenth).
+GC_YOUNG_THRESHOLD = 20_000
 
 
 def start_service(
@@ -54,12 +62,21 @@ def start_service(
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run `main` on uvloop when it is installed (measurably faster), else on asyncio's loop."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
         return asyncio.run(main())
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())
+
+
+def heap_settled() -> None:
+    """Call once a service has started: what start-up made (modules, settings, the nodes) lives
+    for good, so it is moved out of every later collection's way (`gc.freeze`). Without this
+    the first full collections under load walk all of it."""
+    gc.collect()
+    gc.freeze()
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -239,6 +239,7 @@ async def serve(settings: GatewaySettings) -> int:
         log.warning("%s", message)
     if settings.redis_url and (settings.runs_embedded or settings.gateway_cache):
         await startup_errors.warn_if_cache_unreachable(settings.redis_url)  # serves either way
+    runtime.heap_settled()
     await gateway.run_until(stop)
     await gateway.stop()
     return 0

@@ -214,6 +214,7 @@ async def serve(settings: ResolverSettings) -> int:
         # In the background: not ready (/readyz 503) until a node of CALLERID_AMQP_URL
         # answers; retried with growing waits meanwhile (shared.amqp_link).
         await worker.start(wait=False)
+        runtime.heap_settled()
         await runtime.wait_first(stop, store.watch(settings.reload_interval))
         log.info("stopping: finishing %d in-flight requests", worker.in_flight)
         await worker.stop(drain_timeout=settings.stop_timeout)
