@@ -49,13 +49,11 @@ import ssl
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import SimpleNamespace
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
-import aiohttp
 from aiohttp.resolver import DefaultResolver
 from pydantic import ValidationError
 from yarl import URL
@@ -65,6 +63,8 @@ from crm_resolver.address_policy import AddressPolicy, AddressRefused, PolicyRes
 from crm_resolver.crm_auth import CrmCredentials
 from crm_resolver.crm_http import TOKEN_REQUEST, CrmHttpSettings, HttpCrmClient
 from crm_resolver.crm_response import MAX_BODY, parse_crm_response
+from crm_resolver.http1 import ConnectionLost, NameNotResolved, Observer, TlsFailed
+from crm_resolver.http1_parse import Response
 from crm_resolver.oauth2_client import CrmTokenUnavailable
 from crm_resolver.ports import (
     CallContext,
@@ -147,7 +147,7 @@ class Tls:
 
 @dataclass
 class Wire:
-    """What the product's HTTP client did, as its aiohttp traces reported it."""
+    """What the product's HTTP client did, as its observer (`http1.Observer`) reported it."""
 
     started: float = 0.0
     dns: tuple[float, float | None] | None = None
@@ -173,114 +173,67 @@ class Wire:
         return None if moment is None else moment - self.started
 
 
-def _tracer(wire: Wire) -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    now = time.perf_counter
+class _WireObserver(Observer):
+    """Fills a `Wire` from the product's HTTP client as the CRM request goes; an auth
+    method's token request (an OAuth2 node) goes through the same client and is not the
+    request the report describes: its events are left out."""
 
-    async def request_start(
-        _s: aiohttp.ClientSession, _c: SimpleNamespace, params: aiohttp.TraceRequestStartParams
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+
+    def request_start(
+        self, tag: object, method: str, url: str, headers: Sequence[tuple[str, str]]
     ) -> None:
-        wire.method, wire.url = params.method, str(params.url)
-        wire.request_headers = list(params.headers.items())
+        if tag != TOKEN_REQUEST:
+            self.wire.method, self.wire.url = method, url
+            self.wire.request_headers = list(headers)
 
-    async def dns_start(
-        _s: aiohttp.ClientSession, _c: SimpleNamespace, _p: aiohttp.TraceDnsResolveHostStartParams
+    def dns_start(self, tag: object, host: str) -> None:
+        if tag != TOKEN_REQUEST:
+            self.wire.dns = (time.perf_counter(), None)
+
+    def dns_end(self, tag: object, host: str) -> None:
+        if tag != TOKEN_REQUEST and self.wire.dns is not None:
+            self.wire.dns = (self.wire.dns[0], time.perf_counter())
+
+    def connect_start(self, tag: object) -> None:
+        if tag != TOKEN_REQUEST:
+            self.wire.connect = (time.perf_counter(), None)
+
+    def connect_end(self, tag: object, transport: asyncio.BaseTransport) -> None:
+        if tag != TOKEN_REQUEST and self.wire.connect is not None:
+            self.wire.connect = (self.wire.connect[0], time.perf_counter())
+
+    def request_sent(self, tag: object, headers: Sequence[tuple[str, str]], body: bytes) -> None:
+        if tag != TOKEN_REQUEST:
+            wire = self.wire
+            wire.headers_sent = time.perf_counter()
+            wire.request_headers = list(headers)
+            wire.request_body += body
+            wire.request_complete = True
+
+    def response_head(
+        self, tag: object, response: Response, transport: asyncio.BaseTransport
     ) -> None:
-        wire.dns = (now(), None)
+        if tag == TOKEN_REQUEST:
+            return
+        wire = self.wire
+        wire.first_byte = time.perf_counter()
+        wire.status, wire.reason = response.status, response.reason
+        wire.version = response.version
+        wire.response_headers = list(response.headers)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            wire.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        ssl_object = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            wire.tls = _tls_of(ssl_object, verified=True)
 
-    async def dns_end(
-        _s: aiohttp.ClientSession, _c: SimpleNamespace, _p: aiohttp.TraceDnsResolveHostEndParams
-    ) -> None:
-        if wire.dns is not None:
-            wire.dns = (wire.dns[0], now())
-
-    async def connect_start(
-        _s: aiohttp.ClientSession,
-        _c: SimpleNamespace,
-        _p: aiohttp.TraceConnectionCreateStartParams,
-    ) -> None:
-        wire.connect = (now(), None)
-
-    async def connect_end(
-        _s: aiohttp.ClientSession, _c: SimpleNamespace, _p: aiohttp.TraceConnectionCreateEndParams
-    ) -> None:
-        if wire.connect is not None:
-            wire.connect = (wire.connect[0], now())
-
-    async def headers_sent(
-        _s: aiohttp.ClientSession,
-        _c: SimpleNamespace,
-        params: aiohttp.TraceRequestHeadersSentParams,
-    ) -> None:
-        wire.headers_sent = now()
-        wire.request_headers = list(params.headers.items())
-        wire.request_complete = True
-
-    async def chunk_sent(
-        _s: aiohttp.ClientSession, _c: SimpleNamespace, params: aiohttp.TraceRequestChunkSentParams
-    ) -> None:
-        wire.request_body += params.chunk
-
-    async def request_end(
-        _s: aiohttp.ClientSession, _c: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        wire.first_byte = now()
-        response = params.response
-        wire.status, wire.reason = response.status, response.reason or ""
-        version = response.version
-        wire.version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP"
-        wire.response_headers = list(response.headers.items())
-        transport = _transport(response)
-        if transport is not None:
-            peer = transport.get_extra_info("peername")
-            if isinstance(peer, tuple) and len(peer) >= 2:
-                wire.peer = (
-                    f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
-                )
-            ssl_object = transport.get_extra_info("ssl_object")
-            if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-                wire.tls = _tls_of(ssl_object, verified=True)
-        if not 200 <= response.status <= 299:
-            # The service stops at the status and never reads this body: take only what came
-            # with the headers, without waiting, so the check cannot time out where it does not.
-            wire.early_body = response.content.read_nowait(MAX_BODY)
-
-    trace.on_request_start.append(_crm_only(request_start))
-    trace.on_dns_resolvehost_start.append(_crm_only(dns_start))
-    trace.on_dns_resolvehost_end.append(_crm_only(dns_end))
-    trace.on_connection_create_start.append(_crm_only(connect_start))
-    trace.on_connection_create_end.append(_crm_only(connect_end))
-    trace.on_request_headers_sent.append(_crm_only(headers_sent))
-    trace.on_request_chunk_sent.append(_crm_only(chunk_sent))
-    trace.on_request_end.append(_crm_only(request_end))
-    return trace
-
-
-_Params = TypeVar("_Params")
-_Callback = Callable[[aiohttp.ClientSession, SimpleNamespace, _Params], Awaitable[None]]
-
-
-def _crm_only(callback: _Callback[_Params]) -> _Callback[_Params]:
-    """`callback` for the CRM request only: an auth method's token request (an OAuth2 node)
-    goes on the same session and is not the request the report describes."""
-
-    async def watched(
-        session: aiohttp.ClientSession, context: SimpleNamespace, params: _Params
-    ) -> None:
-        if context.trace_request_ctx != TOKEN_REQUEST:
-            await callback(session, context, params)
-
-    return watched
-
-
-def _transport(response: aiohttp.ClientResponse) -> asyncio.BaseTransport | None:
-    """The response's connection's transport; a small answer read whole with its headers has
-    already given its connection back to the pool, so its protocol is asked then."""
-    if response.connection is not None:
-        return response.connection.transport
-    protocol = getattr(response, "_protocol", None)
-    transport = getattr(protocol, "transport", None)
-    return transport if isinstance(transport, asyncio.BaseTransport) else None
+    def early_body(self, tag: object, body: bytes) -> None:
+        # The service stops at a status outside 2xx and never waits for its body: this is
+        # what of it came with the headers, so the check cannot time out where it does not.
+        if tag != TOKEN_REQUEST:
+            self.wire.early_body = body
 
 
 def _tls_of(ssl_object: ssl.SSLObject | ssl.SSLSocket, *, verified: bool) -> Tls:
@@ -482,7 +435,7 @@ async def run_check(
 ) -> Result:
     """Ask the CRM once through the product's client, then parse and judge as it does."""
     wire = Wire()
-    client = HttpCrmClient(settings, credentials=credentials, trace_configs=[_tracer(wire)])
+    client = HttpCrmClient(settings, credentials=credentials, observer=_WireObserver(wire))
     try:
         await client.start()
     except ValueError as exc:  # the CA bundle
@@ -535,11 +488,8 @@ def _causes(error: BaseException | None) -> list[BaseException]:
 
 def _certificate_error(error: CrmError | None) -> str | None:
     for cause in _causes(error):
-        if isinstance(cause, aiohttp.ClientConnectorCertificateError):
-            problem = cause.certificate_error
-            if isinstance(problem, ssl.SSLCertVerificationError):
-                return str(problem.verify_message or problem.reason or problem)
-            return str(problem)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return str(cause.verify_message or cause.reason or cause)
     return None
 
 
@@ -732,12 +682,12 @@ def _unreachable_problem(error: CrmUnreachable, target: Target) -> tuple[str, li
                     "only for a CRM that truly is link-local."
                 )
             return f"the service refuses this address: {text}", [fix]
-        if isinstance(cause, aiohttp.ClientConnectorDNSError):
+        if isinstance(cause, NameNotResolved):
             return f"{url.host} does not resolve from here", [
                 "Check the host name; the resolver must be able to resolve it too."
             ]
-        if isinstance(cause, aiohttp.ClientSSLError):
-            reason = str(getattr(cause.os_error, "reason", None) or cause.os_error)
+        if isinstance(cause, TlsFailed):
+            reason = str(getattr(cause.__cause__, "reason", None) or cause.__cause__)
             fixes = ["Check the CRM's TLS setup (TLS 1.2 or later, a usable cipher)."]
             words = reason.lower().replace("_", " ")
             if "wrong version" in words or "record" in words:
@@ -747,7 +697,7 @@ def _unreachable_problem(error: CrmUnreachable, target: Target) -> tuple[str, li
             return f"connection refused by {where}", [
                 f"Nothing listens on {where}: check the host, the port and that the CRM runs."
             ]
-        if isinstance(cause, aiohttp.ServerDisconnectedError):
+        if isinstance(cause, ConnectionLost):
             return "the CRM closed the connection without answering", [
                 "Check the CRM's logs; a proxy or a crash in the endpoint can do this. "
                 f"Did {where} expect {'https' if url.scheme == 'http' else 'http'}?"

@@ -17,11 +17,12 @@ metadata service from inside a cluster hands out credentials. So, at every looku
 The address check runs on the addresses the connection will actually use: `PolicyResolver`
 wraps aiohttp's resolver, so a name that resolves (or is rebound) to a metadata address is
 refused at connect time, not only a URL that spells one. An IP literal in a URL is not
-resolved by aiohttp, so `check_url` checks it. Loopback and private (RFC 1918) addresses stay
-allowed: CRMs often live on the internal network, and the tests' mock CRM is on 127.0.0.1.
+resolved by the HTTP client (`http1`), so `check_url` checks it. Loopback and private
+(RFC 1918) addresses stay allowed: CRMs often live on the internal network, and the tests'
+mock CRM is on 127.0.0.1.
 
-Every refusal is `AddressRefused` (an OSError, so aiohttp carries it inside its connector
-error); `crm_http` turns it into `CrmUnreachable`.
+Every refusal is `AddressRefused` (an OSError: the HTTP client carries it as the cause of
+its `NameNotResolved`); `crm_http` turns it into `CrmUnreachable`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""The `CrmClient` adapter over aiohttp: a POST per lookup, OMniLeads' format (docs/design.md §5).
+"""The `CrmClient` adapter: a POST per lookup, OMniLeads' format (docs/design.md §5).
 
 What belongs here: the HTTP request, its time limits, reading the answer with a hard cap, and
 turning every foreign exception into the `CrmError` tree of `crm_resolver.ports`, once, with
-`from exc`. What does not: the body's meaning (`crm_response`), retries, the circuit breaker
+`from exc`. What does not: HTTP/1.1 itself (connections, the pool, parsing the answer:
+`http1` and `http1_parse`), the body's meaning (`crm_response`), retries, the circuit breaker
 and the allow-list of destinations (the resolver).
 
 The request is exactly OMniLeads': `POST <node.url>`, `User-Agent: OMniLeads`,
-`Content-Type: application/x-www-form-urlencoded`, body `idContact=<digits>`. It also says
+`Content-Type: application/x-www-form-urlencoded`, body `idContact=<digits>` (and `Host`,
+`Accept: */*`, `Content-Length`, as aiohttp sent them before). It also says
 `Accept-Encoding: identity` and nothing is decompressed: a compressed body could expand far
 past the cap before a byte of it is counted (a CRM that compresses anyway gets
 `CrmBadResponse`). The optional extras of docs/design.md §5 are per node and off by default:
@@ -14,45 +16,48 @@ past the cap before a byte of it is counted (a CRM that compresses anyway gets
 `auth:` section adds credentials through `crm_auth.CrmAuth`: headers prepared for the exact
 body sent (a bearer token, an OAuth2 token, Standard Webhooks signature headers), and a
 client certificate for the TLS handshake. A token request of an auth method goes through
-`post_form`, on this session, under the same rules.
+`post_form`, on the same connections, under the same rules.
 
-Where requests may go is `address_policy`'s rule, checked at every lookup on the URL and, by
-the connector's resolver, on every address a name resolves to. A refusal is CrmUnreachable,
-logged once per node (and URL) at WARNING: no connection is opened.
+Where requests may go is `address_policy`'s rule, checked at every lookup on the URL (an IP
+address in the URL is never resolved: this check is its only one) and, by the
+`PolicyResolver` the client resolves names with, on every address a name resolves to. A
+refusal is CrmUnreachable, logged once per node (and URL) at WARNING: no connection is opened.
 
 Limits:
-- The whole lookup, connection included, ends within `budget` seconds: `asyncio.timeout(budget)`
-  is put around everything. aiohttp's own timeouts would round 5 s and more up to a whole
-  second, and cost timers of their own on every request: only its connect timeout is set
-  (`connect_timeout`, capped by the budget); its 300 s default is never used.
+- The whole lookup, connection and token request included, ends within `budget` seconds:
+  one `asyncio.timeout(budget)` is put around everything. Getting a connection (a free
+  pooled one, or a new one: DNS, TCP and TLS) also ends within `connect_timeout`, capped by
+  the budget.
 - At most `MAX_BODY` bytes are read: a Content-Length over it is refused before reading, and
-  a body without one (chunked, or until close) is read in pieces up to `MAX_BODY + 1`.
+  a body without one (chunked, or until close) is refused as soon as it passes `MAX_BODY`.
+  The head is bounded by `http1_parse` (8 KiB a line, 100 fields).
 - TLS is always verified against the system store plus `ca_bundle`; redirects are not
   followed (a 3xx is just a non-2xx status); proxies from the environment are ignored.
 - A node with a client certificate (`mutual_tls`) gets its own `ssl.SSLContext` (the same
-  verification, plus the certificate), built once per distinct certificate and passed as the
-  request's `ssl=`: aiohttp then uses it instead of the connector's, and keys its pool of
-  kept-alive connections by it, so connections made with one identity are never reused for
-  another (aiohttp's `ConnectionKey` holds the request's `ssl`).
+  verification, plus the certificate), built once per distinct certificate: the pool keys
+  connections by their TLS context, so connections made with one identity are never reused
+  for another.
+- Connections are kept alive (`_KEEPALIVE_SECONDS` idle at most). The body of a status
+  outside 2xx is not waited for: what came with the head is taken, and the connection is
+  kept only if that was all of it. A lookup whose reused connection the CRM closed just as
+  the request left is sent once more on a new connection (`http1`: a lookup is idempotent).
 
-Exception mapping (nothing from aiohttp, asyncio or ssl escapes `lookup`):
+Exception mapping (nothing from asyncio, ssl, sockets or `http1` escapes `lookup`):
 
-    TimeoutError / asyncio.TimeoutError        → CrmTimeout
-      (aiohttp ServerTimeoutError, ConnectionTimeoutError, SocketTimeoutError are both)
-    AddressRefused (URL or resolved address    → CrmUnreachable
+    TimeoutError (the budget, or connect_timeout)   → CrmTimeout
+    AddressRefused (URL or resolved address         → CrmUnreachable
       refused by the policy), unusable node
       credentials, no OAuth2 token (CrmTokenUnavailable, a CrmUnreachable)
-    ClientConnectorError (refused, DNS),       → CrmUnreachable
-      ClientConnectorCertificateError, ClientSSLError,
-      ClientOSError (reset), ServerDisconnectedError before the status line,
-      InvalidURL, any other ClientError or OSError
-    status outside 200-299 (3xx included)      → CrmHttpStatus(status); a 401 also tells the
-                                                 node's auth (`CrmAuth.rejected`)
-    ClientResponseError (status line, headers  → CrmBadResponse
-      or chunk framing that are not HTTP, a header line over 8 KiB),
-      ClientPayloadError (body cut short of its Content-Length),
-      Content-Length or body over MAX_BODY
-    whatever `parse_crm_response` raises       → as raised (CrmBadResponse, CrmStatusFail)
+    http1.ConnectFailed (refused, DNS: NameNotResolved, → CrmUnreachable
+      TLS: TlsFailed), http1.ConnectionLost (closed or reset before the status line),
+      any other OSError
+    status outside 200-299 (3xx included)           → CrmHttpStatus(status); a 401 also tells
+                                                      the node's auth (`CrmAuth.rejected`)
+    http1_parse.ProtocolError (status line, headers → CrmBadResponse
+      or chunk framing that are not HTTP, a header line over 8 KiB, over 100 fields),
+      BrokenBody (body cut short of its Content-Length), BodyTooLarge (Content-Length or
+      body over MAX_BODY)
+    whatever `parse_crm_response` raises            → as raised (CrmBadResponse, CrmStatusFail)
 
 `fetch` is `lookup` without that last step: the body's bytes, for `tools.crm_check`.
 
@@ -66,18 +71,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
 from crm_resolver.address_policy import AddressPolicy, AddressRefused, PolicyResolver
-from crm_resolver.crm_auth import ClientCertificate, CrmAuth, CrmCredentials, Headers
+from crm_resolver.crm_auth import ClientCertificate, CrmCredentials, Headers
 from crm_resolver.crm_response import MAX_BODY, parse_crm_response
+from crm_resolver.http1 import Http1Client, HttpClientError, NameNotResolved, Observer, target_of
+from crm_resolver.http1_parse import BodyTooLarge, BrokenBody, ProtocolError
 from crm_resolver.ports import (
     CallContext,
     CrmAnswer,
@@ -96,8 +102,8 @@ _FORM = "application/x-www-form-urlencoded"
 # commonly close idle connections after 60 s, so stay under that.
 _KEEPALIVE_SECONDS = 30.0
 TOKEN_REQUEST = "callerid: a token request of a CRM auth method"
-"""The `trace_request_ctx` of `post_form`'s requests, for trace configs that watch only the
-CRM's (`tools.crm_check`)."""
+"""The `tag` an `http1.Observer` sees on `post_form`'s requests, for observers that watch
+only the CRM's (`tools.crm_check`); a lookup's tag is None."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ class CrmHttpSettings:
 
 
 class HttpCrmClient:
-    """One aiohttp session, reused by every lookup; `start` before use, `close` after."""
+    """One pool of kept-alive connections, reused by every lookup; `start` before use,
+    `close` after."""
 
     def __init__(
         self,
@@ -124,47 +131,41 @@ class HttpCrmClient:
         *,
         credentials: CrmCredentials | None = None,
         dns: AbstractResolver | None = None,
-        trace_configs: Sequence[aiohttp.TraceConfig] = (),
+        observer: Observer | None = None,
     ) -> None:
         """`credentials` builds each node's `CrmAuth` (default: none can be resolved, so only
         nodes without `auth:` work); `close` closes it too. `dns` replaces aiohttp's resolver
-        under the address policy (tests map names); `trace_configs` watch the requests
+        under the address policy (tests map names); `observer` watches the requests
         (`tools.crm_check` shows them; the service has none)."""
         self._settings = settings
         self._dns = dns
-        self._trace_configs = list(trace_configs)
+        self._observer = observer
         self._credentials = credentials if credentials is not None else CrmCredentials()
-        self._session: aiohttp.ClientSession | None = None
+        self._http: Http1Client | None = None
+        self._resolver: AbstractResolver | None = None
+        self._tls: ssl.SSLContext | None = None
         self._client_tls: dict[ClientCertificate, ssl.SSLContext] = {}
         self._refusals_logged: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._http is not None:
             return
-        connector = aiohttp.TCPConnector(
-            limit=self._settings.max_connections,
-            ssl=_ssl_context(self._settings.ca_bundle),
-            keepalive_timeout=_KEEPALIVE_SECONDS,
-            resolver=PolicyResolver(self._settings.policy, self._dns or DefaultResolver()),
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers={
-                "User-Agent": self._settings.user_agent,
-                "Accept-Encoding": "identity",
-            },
-            trust_env=False,
-            auto_decompress=False,
-            # The reader stops taking bytes from the socket once about this much is buffered.
-            read_bufsize=MAX_BODY,
-            trace_configs=self._trace_configs or None,
+        self._tls = _ssl_context(self._settings.ca_bundle)
+        self._resolver = PolicyResolver(self._settings.policy, self._dns or DefaultResolver())
+        self._http = Http1Client(
+            self._resolver,
+            max_connections=self._settings.max_connections,
+            keepalive=_KEEPALIVE_SECONDS,
+            headers=[("User-Agent", self._settings.user_agent), ("Accept-Encoding", "identity")],
         )
 
     async def close(self) -> None:
         await self._credentials.close()
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
+            if self._dns is None and self._resolver is not None:
+                await self._resolver.close()  # a resolver handed in is its owner's to close
 
     async def lookup(
         self, node: NodeConfig, customer_id: str, *, budget: float, context: CallContext
@@ -178,7 +179,8 @@ class HttpCrmClient:
     ) -> bytes:
         """`lookup` up to the body of the CRM's 2xx answer, not parsed yet (`tools.crm_check`
         shows the bytes before parsing them); raises as `lookup` does, but for the parsing."""
-        if self._session is None:
+        http = self._http
+        if http is None:
             raise RuntimeError("HttpCrmClient.lookup before start()")
         if node.url is None:
             raise ValueError(f"node {node.id!r} has no CRM url")
@@ -187,9 +189,6 @@ class HttpCrmClient:
             raise ValueError("customer_id must be ASCII digits")
         if budget <= 0:
             raise CrmTimeout("no time left for the CRM")
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=min(self._settings.connect_timeout, budget), sock_read=None
-        )
         try:
             self._settings.policy.check_url(node.url)
             auth = self._credentials.for_node(node)
@@ -202,11 +201,26 @@ class HttpCrmClient:
                 # Inside the budget: an OAuth2 token request is part of the lookup's time.
                 headers = {"Content-Type": _FORM, **await auth.prepare(body, self)}
                 with _crm_errors(lambda refused: self._refused(node, refused)):
-                    return await self._post(
-                        self._session, node.url, body, headers, timeout, tls, auth
+                    response, answer = await http.request(
+                        "POST",
+                        target_of(node.url),
+                        headers,
+                        body,
+                        tls=tls,
+                        connect_timeout=min(self._settings.connect_timeout, budget),
+                        max_body=MAX_BODY,
+                        read_error_body=False,
+                        retry_safe=True,  # a lookup changes nothing: sending it twice is safe
+                        observer=self._observer,
                     )
         except TimeoutError as exc:
             raise CrmTimeout(f"no answer within {budget:.3g} s") from exc
+        status = response.status
+        if not 200 <= status <= 299:
+            if status == 401:
+                auth.rejected(headers)
+            raise CrmHttpStatus(status)
+        return answer
 
     async def post_form(
         self, url: str, body: bytes, headers: Headers, *, timeout: float
@@ -214,38 +228,36 @@ class HttpCrmClient:
         """`crm_auth.AuthHttp`: POST a form for an auth method (a token request), under the
         address policy and TLS verification of the lookups; the status and the body (at
         most MAX_BODY bytes, whatever the status). Raises as `fetch` does."""
-        if self._session is None:
+        http = self._http
+        if http is None:
             raise CrmUnreachable("the CRM client is closed")
         try:
             self._settings.policy.check_url(url)
         except AddressRefused as exc:
             raise CrmUnreachable(f"refused: {exc}") from exc
-        client_timeout = aiohttp.ClientTimeout(
-            total=None, connect=min(self._settings.connect_timeout, timeout), sock_read=None
-        )
         try:
             async with asyncio.timeout(timeout):
                 with _crm_errors(lambda refused: CrmUnreachable(f"refused: {refused}")):
-                    async with self._session.post(
-                        url,
-                        data=body,
-                        headers=headers,
-                        timeout=client_timeout,
-                        allow_redirects=False,
-                        trace_request_ctx=TOKEN_REQUEST,
-                    ) as response:
-                        length = response.content_length
-                        if length is not None and length > MAX_BODY:
-                            raise CrmBadResponse(f"Content-Length over {MAX_BODY} bytes")
-                        return response.status, await _read_capped(response.content)
+                    response, answer = await http.request(
+                        "POST",
+                        target_of(url),
+                        headers,
+                        body,
+                        tls=self._tls,
+                        connect_timeout=min(self._settings.connect_timeout, timeout),
+                        max_body=MAX_BODY,
+                        observer=self._observer,
+                        tag=TOKEN_REQUEST,
+                    )
+                    return response.status, answer
         except TimeoutError as exc:
             raise CrmTimeout(f"no answer within {timeout:.3g} s") from exc
 
     def _tls_for(self, certificate: ClientCertificate | None) -> ssl.SSLContext | None:
         """The TLS context presenting `certificate` (one per certificate, kept: connections
-        are pooled by it), or None for the connector's. ConfigError when it cannot load."""
+        are pooled by it), or the shared one. ConfigError when it cannot load."""
         if certificate is None:
-            return None
+            return self._tls
         context = self._client_tls.get(certificate)
         if context is None:
             context = _ssl_context(self._settings.ca_bundle)
@@ -267,32 +279,6 @@ class HttpCrmClient:
             log.warning("CRM request of node %r refused: %s", node.name, exc)
         return CrmUnreachable(f"refused: {exc}")
 
-    async def _post(
-        self,
-        session: aiohttp.ClientSession,
-        url: str,
-        body: bytes,
-        headers: dict[str, str],
-        timeout: aiohttp.ClientTimeout,
-        tls: ssl.SSLContext | None,
-        auth: CrmAuth,
-    ) -> bytes:
-        async with session.post(
-            url,
-            data=body,
-            headers=headers,
-            timeout=timeout,
-            allow_redirects=False,
-            ssl=tls if tls is not None else True,
-        ) as response:
-            if not 200 <= response.status <= 299:
-                if response.status == 401:
-                    auth.rejected(headers)
-                raise CrmHttpStatus(response.status)
-            if response.content_length is not None and response.content_length > MAX_BODY:
-                raise CrmBadResponse(f"Content-Length over {MAX_BODY} bytes")
-            return await _read_capped(response.content)
-
 
 def _form(node: NodeConfig, customer_id: str, context: CallContext) -> bytes:
     """The form body of one lookup (what a signature is computed over)."""
@@ -309,39 +295,27 @@ def _form(node: NodeConfig, customer_id: str, context: CallContext) -> bytes:
 
 @contextmanager
 def _crm_errors(refused: Callable[[AddressRefused], CrmError]) -> Iterator[None]:
-    """aiohttp's and the socket's exceptions raised inside, as the `CrmError` they mean;
-    `refused` makes the one for an address the policy refused at connect time."""
+    """The HTTP client's and the socket's exceptions raised inside, as the `CrmError` they
+    mean; `refused` makes the one for an address the policy refused at connect time."""
     try:
         yield
     except TimeoutError:
-        raise  # aiohttp's own timeouts are ClientErrors too: the caller makes them CrmTimeout
-    except aiohttp.ClientResponseError as exc:
-        # Raised for a status line, headers or chunk framing that are not HTTP (never for
-        # a status: raise_for_status is off), so the peer answered, badly. Its message
-        # quotes the CRM's bytes, newlines included: it stays in the chained cause.
-        raise CrmBadResponse("not a valid HTTP answer") from exc
-    except aiohttp.ClientPayloadError as exc:
+        raise  # an OSError too: the caller makes it CrmTimeout
+    except BodyTooLarge as exc:
+        raise CrmBadResponse(str(exc)) from exc  # our words, with the limit: no CRM bytes
+    except BrokenBody as exc:
         raise CrmBadResponse("broken HTTP body") from exc
-    except aiohttp.ClientConnectorError as exc:
-        # Also ClientConnectorCertificateError and ClientSSLError (its subclasses), and
-        # ClientConnectorDNSError carrying the resolver's AddressRefused.
-        if isinstance(exc.os_error, AddressRefused):
-            raise refused(exc.os_error) from exc
+    except ProtocolError as exc:
+        # A status line or headers that are not HTTP: the peer answered, badly.
+        raise CrmBadResponse("not a valid HTTP answer") from exc
+    except NameNotResolved as exc:
+        if isinstance(exc.__cause__, AddressRefused):
+            raise refused(exc.__cause__) from exc
         raise CrmUnreachable(f"cannot connect: {type(exc).__name__}") from exc
-    except (aiohttp.ClientError, OSError) as exc:
+    except (HttpClientError, OSError) as exc:
+        # ConnectFailed, TlsFailed, ConnectionLost (OSErrors too), and what the resolver or
+        # the socket raised on their own.
         raise CrmUnreachable(f"connection failed: {type(exc).__name__}") from exc
-
-
-async def _read_capped(stream: aiohttp.StreamReader) -> bytes:
-    """The body, reading at most MAX_BODY + 1 bytes; CrmBadResponse when there is more."""
-    body = bytearray()
-    while len(body) <= MAX_BODY:
-        chunk = await stream.read(MAX_BODY + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body += chunk
-    # Leaving the response unread makes aiohttp close the connection instead of reusing it.
-    raise CrmBadResponse(f"body over {MAX_BODY} bytes")
 
 
 def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:

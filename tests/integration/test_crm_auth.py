@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -38,6 +37,7 @@ from agi_gateway.settings import GatewaySettings
 from crm_resolver.address_policy import AddressPolicy
 from crm_resolver.crm_auth import CrmCredentials
 from crm_resolver.crm_http import CrmHttpSettings, HttpCrmClient
+from crm_resolver.http1 import ConnectFailed, ConnectionLost
 from crm_resolver.oauth2_client import FIRST_BACKOFF, CrmTokenUnavailable
 from crm_resolver.ports import (
     CallContext,
@@ -562,22 +562,22 @@ async def test_no_or_a_wrong_certificate_is_crm_error(
 ) -> None:
     """The CRM ends the TLS session (TLS 1.3: its alert comes after the client's side of
     the handshake, when the request is read): CrmUnreachable, crm_error for the call; the
-    aiohttp error it came from is a connection error, never an HTTP answer."""
+    HTTP client's error it came from is a connection error, never an HTTP answer."""
     node = crm_node(tls_crm.url, pki.stranger if certificate == "stranger" else None)
     async with crm_client(settings=CrmHttpSettings(ca_bundle=str(pki.ca_bundle))) as client:
         with pytest.raises(CrmUnreachable) as caught:
             await client.lookup(node, "1", budget=5, context=CONTEXT)
     assert caught.value.code.outcome is Outcome.CRM_ERROR
     cause = caught.value.__cause__
-    assert isinstance(cause, aiohttp.ClientError | OSError)
-    assert not isinstance(cause, aiohttp.ClientResponseError | aiohttp.ClientPayloadError)
+    assert isinstance(cause, ConnectFailed | ConnectionLost)
+    assert isinstance(cause, ConnectionError)
     assert tls_crm.clients == []
 
 
 async def test_identities_never_share_a_connection(pki: Pki, tls_crm: TlsCrm) -> None:
     """One client, one CRM, nodes with and without the certificate, interleaved: the node
     without it is refused every time, so it never rode on a kept-alive connection made
-    with the certificate (aiohttp pools connections by the request's ssl context)."""
+    with the certificate (`http1` pools connections by the request's TLS context)."""
     with_cert = crm_node(tls_crm.url, pki.client)
     without = crm_node(tls_crm.url, None, node_id="plain")
     async with crm_client(settings=CrmHttpSettings(ca_bundle=str(pki.ca_bundle))) as client:
