@@ -46,8 +46,10 @@ here the only coroutine per call is the RPC (its publish confirm and reply are a
 
 It runs as separate processes, like the product (`python -m bench.floor server|worker|client`),
 on uvloop (`run_fast`) and the lowest-level clients the product's stack offers (aiormq,
-redis.asyncio, aiohttp). Server and worker print `ready` once they can serve; the client is
-`tools.loadgen.drive`, so the figures are computed exactly as for the product.
+redis.asyncio, and the product's own HTTP/1.1 client `crm_resolver.http1`, which replaced
+aiohttp's for CRM lookups: a floor on aiohttp would no longer be a floor). Server and worker
+print `ready` once they can serve; the client is `tools.loadgen.drive`, so the figures are
+computed exactly as for the product.
 """
 
 from __future__ import annotations
@@ -216,35 +218,47 @@ async def serve(listen: str, amqp_url: str, queue: str) -> None:
 
 async def work(amqp_url: str, queue: str, redis_url: str, crm_url: str, prefetch: int) -> None:
     """The resolver's part: Redis GET, then the CRM when it misses; reply, then ack."""
-    import aiohttp
     import aiormq
     import redis.asyncio as aioredis
+    from aiohttp.resolver import DefaultResolver
+
+    from crm_resolver.http1 import Http1Client, target_of
 
     connection = await aiormq.connect(amqp_url)
     channel = await connection.channel(publisher_confirms=True)
     await channel.basic_qos(prefetch_count=prefetch)
     await _declare(channel, queue)
     cache = aioredis.Redis.from_url(redis_url)
-    async with aiohttp.ClientSession() as http:
+    # The product's own HTTP/1.1 client, bare: kept-alive connections, one POST, no checks.
+    http = Http1Client(DefaultResolver(), max_connections=200, keepalive=30.0)
+    crm = target_of(crm_url)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
 
-        async def on_request(message: DeliveredMessage) -> None:
-            customer = message.body.decode()
-            answer = await cache.get(f"floor:{customer}")
-            if answer is None:
-                async with http.post(crm_url, data={"idContact": customer}) as response:
-                    answer = (await response.json(content_type=None))["destination"].encode()
-            properties = message.header.properties
-            await channel.basic_publish(
-                answer,
-                routing_key=properties.reply_to or "",
-                properties=Basic.Properties(correlation_id=properties.correlation_id),
+    async def on_request(message: DeliveredMessage) -> None:
+        answer = await cache.get(b"floor:" + message.body)
+        if answer is None:
+            _, body = await http.request(
+                "POST",
+                crm,
+                form,
+                b"idContact=" + message.body,
+                tls=None,
+                connect_timeout=1.0,
+                max_body=65536,
             )
-            assert message.delivery_tag is not None
-            await channel.basic_ack(message.delivery_tag)
+            answer = json.loads(body)["destination"].encode()
+        properties = message.header.properties
+        await channel.basic_publish(
+            answer,
+            routing_key=properties.reply_to or "",
+            properties=Basic.Properties(correlation_id=properties.correlation_id),
+        )
+        assert message.delivery_tag is not None
+        await channel.basic_ack(message.delivery_tag)
 
-        await channel.basic_consume(queue, on_request)
-        print("ready", flush=True)
-        await asyncio.Event().wait()
+    await channel.basic_consume(queue, on_request)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
 
 
 def _client(args: argparse.Namespace) -> int:
