@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -129,15 +129,16 @@ GetDataResult = Entry | MaybeHungUp | Refused
 PlayResult = None | MaybeHungUp | Refused  # None: it played
 
 
-def read_result(reply: Reply) -> ReadResult:
-    """The answer to `GET FULL VARIABLE "${<entry>},${READSTATUS}"` after `EXEC Read`."""
+def read_result(reply: Reply, ended_at: float = 0.0) -> ReadResult:
+    """The answer to `GET FULL VARIABLE "${<entry>},${READSTATUS}"` after `EXEC Read`; an
+    entry ended at `ended_at` (when Read's own reply arrived)."""
     if reply.code != OK or reply.result != "1" or reply.data is None:
         return Refused(reply.text)
     digits, _, status = reply.data.rpartition(",")
     if status == "OK":
-        return Entry(digits, EntryEnd.COMPLETE)
+        return Entry(digits, EntryEnd.COMPLETE, ended_at)
     if status == "TIMEOUT":
-        return Entry(digits, EntryEnd.TIMEOUT)
+        return Entry(digits, EntryEnd.TIMEOUT, ended_at)
     if status == "HANGUP":
         return HungUp()
     if status == "ERROR":
@@ -235,9 +236,9 @@ class AgiChannel:
         limit = first_digit + max_digits * between_digits + PLAY_ALLOWANCE
         await self._done(_read_entry(prompt, max_digits), timeout=limit)
         ended_at = self._session.replied_at
-        result = read_result(await self._session.run(_READ_RESULT))
+        result = read_result(await self._session.run(_READ_RESULT), ended_at)
         if isinstance(result, Entry):
-            return replace(result, ended_at=ended_at)
+            return result
         if isinstance(result, HungUp):
             raise CallerHungUp("hung up during the entry")
         if isinstance(result, NoSound):

@@ -50,6 +50,8 @@ class AgiServer:
         # Every session's task (drain waits for them all); `_in_call` of them hold a call slot.
         self._calls: set[asyncio.Task[None]] = set()
         self._in_call = 0
+        # Read when scraped, not updated twice a call.
+        metrics.sessions_live.set_function(lambda: len(self._calls))
         # Done when a drain runs out of time; the flows waiting for the CRM race it.
         self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._draining = False
@@ -94,7 +96,6 @@ class AgiServer:
             return
         task = asyncio.get_running_loop().create_task(self._serve(session, host, refusal))
         self._calls.add(task)
-        self._metrics.sessions_live.inc()
 
     async def _serve(self, session: AgiSession, host: str | None, refusal: str | None) -> None:
         task = asyncio.current_task()
@@ -126,7 +127,6 @@ class AgiServer:
             log.debug("AGI session ended early: %s", exc)
         finally:
             session.close()
-            self._metrics.sessions_live.dec()
             if admitted:
                 self._admission.leave(host)
             self._calls.discard(task)

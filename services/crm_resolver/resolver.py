@@ -163,6 +163,11 @@ class _Resolution:
     ttl: float = 0.0
     lookup: _Lookup | None = None
 
+    def with_lookup(self, lookup: _Lookup) -> _Resolution:
+        """This resolution, with what the cache read found (once a call: `dataclasses.replace`
+        costs several times this)."""
+        return _Resolution(self.answer, self.error, self.crm_ms, self.source, self.ttl, lookup)
+
     def reply(self, request_id: str) -> IdentifyReply:
         if self.answer is not None:
             return answer_reply(request_id, self.answer, self.source, self.crm_ms)
@@ -237,17 +242,18 @@ class Resolver:
         self._after: set[asyncio.Future[None]] = set()
         self._close_timeout = close_timeout
         self._meters: dict[str, _NodeMeters] = {}
+        self._working = 0  # requests being answered: the in-flight gauge reads it when scraped
+        metrics.in_flight.set_function(lambda: self._working)
 
     async def __call__(self, request: IdentifyRequest) -> IdentifyReply:
         node = self._nodes().get(request.node_id)
         meters = self._meters_for(node.name if node is not None else UNKNOWN_NODE)
-        in_flight = self._metrics.in_flight
-        in_flight.inc()
+        self._working += 1
         try:
             # A bug below still gets a reply, counted under its node (shared.answering).
             reply = await answer_request(lambda r: self._resolve(r, node, meters), request)
         finally:
-            in_flight.dec()
+            self._working -= 1
         meters.requests[reply.verdict].inc()
         return reply
 
@@ -315,7 +321,7 @@ class Resolver:
             return _Resolution(claim, None, None, Source.CACHE, lookup=_Lookup.HIT)
         resolution = await self._contend(claim, ask)
         lookup = _Lookup.ERROR if claim is Flight.ERROR else _Lookup.MISS
-        return dataclasses.replace(resolution, lookup=lookup)
+        return resolution.with_lookup(lookup)
 
     async def _contend(self, claim: _Claim, ask: _Ask) -> _Resolution:
         """Act on what `lead` said (anything but an acceptable answer) until resolved: each
