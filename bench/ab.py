@@ -1,4 +1,4 @@
-"""A/B of the embedded gateway, interleaved in one run: `python -m bench.ab --base REV` (~2 min).
+"""A/B of the gateway, interleaved in one run: `python -m bench.ab --base REV` (~2 min).
 
 The question it answers: did a change make a cache miss cheaper? Two embedded gateways run side by
 side on loopback, each with its own mock CRM (the same LOADGEN_CRM_TABLE): "A" is the code of
@@ -11,9 +11,14 @@ generator: 64 calls at once, closed loop, new ids every round, every decision ch
 this machine's speed drifts within minutes: a ratio of neighbouring rounds holds where absolute
 figures do not.
 
+With `--scaled-out` each side is a gateway over the local RabbitMQ with one resolver and the
+Redis answer cache (every id new: misses); `--concurrency 1` makes the rounds one call at a
+time, for latency.
+
 Per round: calls/s, p50/p99, the gateway's CPU per call (utime+stime from /proc, warm-up
-included) and the mock CRM's. The summary gives the median of each side and B/A. A round with
-failures (a wrong decision, a protocol error) is reported and left out of the medians.
+included), the mock CRM's, and scaled out the resolver's. The summary gives the median of
+each side and B/A. A round with failures (a wrong decision, a protocol error) is reported
+and left out of the medians.
 
 Writes nothing under bench/results unless `--out` names a file (JSON of every round).
 """
@@ -30,11 +35,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.measure import cpu_seconds
 from bench.peers.run import Server, check_decisions, measure
 from tools.loadgen import LOADGEN_CRM_TABLE, LOADGEN_NODES, LoadPlan, raise_fd_limit
 from tools.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("CALLERID_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("CALLERID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ID_BLOCK = 1_000_000
 
 
@@ -54,21 +62,38 @@ def drop_worktree(path: Path) -> None:
     )
 
 
-def start_side(name: str, workdir: Path, code: Path) -> Stack:
-    """An embedded gateway and its mock CRM running the packages of the checkout `code`."""
+def start_side(name: str, workdir: Path, code: Path, scaled_out: bool) -> Stack:
+    """A gateway (embedded, or over RabbitMQ with one resolver and the Redis cache) and its
+    mock CRM, running the packages of the checkout `code`."""
     # First on the path: the installed entry point would otherwise import the checkout the
     # virtualenv was installed from, which need not be this one.
     extra = {"PYTHONPATH": os.pathsep.join([str(code / "services"), str(code)])}
     stack = Stack(
         workdir / name,
-        amqp_url=None,
-        redis_url=None,
+        amqp_url=AMQP_URL if scaled_out else None,
+        redis_url=REDIS_URL if scaled_out else None,
+        resolvers=1,
         nodes_template=LOADGEN_NODES,
         crm_table=dict(LOADGEN_CRM_TABLE),
         crm_args=["--log-level", "WARNING"],
         extra_env=extra,
     )
     return stack.start()
+
+
+def measure_side(name: str, stack: Stack, plan: LoadPlan, offset: int) -> dict[str, Any]:
+    """`bench.peers.run.measure` on the side's gateway, plus its resolver's CPU per call."""
+    assert stack.gateway is not None
+    assert stack.crm is not None
+    server = Server(name, stack.gateway, stack.agi_address[1])
+    resolvers = [proc.pid for proc in stack.resolver_procs]
+    before = [cpu_seconds(pid) or 0.0 for pid in resolvers]
+    result = measure(name, server, stack.crm.pid, plan, offset)
+    if resolvers:
+        spent = sum((cpu_seconds(pid) or 0.0) - b for pid, b in zip(resolvers, before, strict=True))
+        calls = max(int(result["calls"]), 1)
+        result["cpu_ms_per_call"]["resolver"] = round(spent * 1000 / calls, 4)
+    return result
 
 
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,6 +108,15 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "calls_per_s": statistics.median(r["identifications_per_s"] for r in valid),
             "gateway_cpu_ms_per_call": statistics.median(
                 r["cpu_ms_per_call"]["server"] for r in valid
+            ),
+            **(
+                {
+                    "resolver_cpu_ms_per_call": statistics.median(
+                        r["cpu_ms_per_call"]["resolver"] for r in valid
+                    )
+                }
+                if "resolver" in valid[0]["cpu_ms_per_call"]
+                else {}
             ),
             "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in valid),
             "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in valid),
@@ -99,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per side")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per round")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64, help="calls at once (1: latency)")
+    parser.add_argument(
+        "--scaled-out",
+        action="store_true",
+        help=f"gateway over RabbitMQ ({AMQP_URL}) with one resolver and Redis ({REDIS_URL})",
+    )
     parser.add_argument("--out", type=Path, help="write every round as JSON here")
     args = parser.parse_args(argv)
     raise_fd_limit(4 * 1024)
@@ -109,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         sides: dict[str, Stack] = {}
         rounds: list[dict[str, Any]] = []
         try:
-            sides["A"] = start_side("A", workdir, code)
-            sides["B"] = start_side("B", workdir, ROOT)
+            sides["A"] = start_side("A", workdir, code, args.scaled_out)
+            sides["B"] = start_side("B", workdir, ROOT, args.scaled_out)
             offset = 0
             servers = {}
             for name, stack in sides.items():
@@ -127,10 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for index in range(args.rounds * 2):
                 name = "AB"[index % 2]
-                stack = sides[name]
-                assert stack.crm is not None
                 offset += ID_BLOCK
-                result = measure(f"{name}#{index // 2}", servers[name], stack.crm.pid, plan, offset)
+                result = measure_side(f"{name}#{index // 2}", sides[name], plan, offset)
                 rounds.append({"side": name, **result})
         finally:
             for stack in sides.values():
