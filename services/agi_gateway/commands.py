@@ -76,6 +76,12 @@ NARROW_PATTERNS = (
 _NARROW_IDS = frozenset(id(pattern) for pattern in NARROW_PATTERNS)
 
 
+# MSet names that passed the check: the same few (OML_*, TIMEOUT(...)) on every call, so each
+# is matched once per process. Only a name that passed goes in (a str compared by value).
+_CHECKED_NAMES: set[str] = set()
+MAX_CHECKED_NAMES = 256
+
+
 class CommandError(ValueError):
     """A command argument was refused; nothing was sent."""
 
@@ -316,7 +322,10 @@ class MultiSet(Command):
                 raise CommandError(f"pairs[{index}]: must be a (name, value) tuple")
             variable, value = pair
             try:
-                _text("name", variable, max_len=MAX_NAME, pattern=_MSET_NAME)
+                if type(variable) is not str or variable not in _CHECKED_NAMES:
+                    _text("name", variable, max_len=MAX_NAME, pattern=_MSET_NAME)
+                    if len(_CHECKED_NAMES) < MAX_CHECKED_NAMES:
+                        _CHECKED_NAMES.add(variable)
                 _text("value", value, max_len=MAX_VALUE, pattern=_MSET_VALUE)
             except CommandError as exc:  # the pair's place, named only when refused
                 raise CommandError(f"pairs[{index}] {exc}") from None

@@ -71,8 +71,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -200,7 +199,7 @@ class HttpCrmClient:
             async with asyncio.timeout(budget):
                 # Inside the budget: an OAuth2 token request is part of the lookup's time.
                 headers = {"Content-Type": _FORM, **await auth.prepare(body, self)}
-                with _crm_errors(lambda refused: self._refused(node, refused)):
+                try:
                     response, answer = await http.request(
                         "POST",
                         target_of(node.url),
@@ -213,6 +212,11 @@ class HttpCrmClient:
                         retry_safe=True,  # a lookup changes nothing: sending it twice is safe
                         observer=self._observer,
                     )
+                except Exception as exc:
+                    error = _crm_error(exc, lambda refused: self._refused(node, refused))
+                    if error is None:
+                        raise
+                    raise error from exc
         except TimeoutError as exc:
             raise CrmTimeout(f"no answer within {budget:.3g} s") from exc
         status = response.status
@@ -237,7 +241,7 @@ class HttpCrmClient:
             raise CrmUnreachable(f"refused: {exc}") from exc
         try:
             async with asyncio.timeout(timeout):
-                with _crm_errors(lambda refused: CrmUnreachable(f"refused: {refused}")):
+                try:
                     response, answer = await http.request(
                         "POST",
                         target_of(url),
@@ -249,7 +253,12 @@ class HttpCrmClient:
                         observer=self._observer,
                         tag=TOKEN_REQUEST,
                     )
-                    return response.status, answer
+                except Exception as exc:
+                    error = _crm_error(exc, lambda refused: CrmUnreachable(f"refused: {refused}"))
+                    if error is None:
+                        raise
+                    raise error from exc
+                return response.status, answer
         except TimeoutError as exc:
             raise CrmTimeout(f"no answer within {timeout:.3g} s") from exc
 
@@ -293,29 +302,29 @@ def _form(node: NodeConfig, customer_id: str, context: CallContext) -> bytes:
     return f"idContact={customer_id}".encode("ascii")
 
 
-@contextmanager
-def _crm_errors(refused: Callable[[AddressRefused], CrmError]) -> Iterator[None]:
-    """The HTTP client's and the socket's exceptions raised inside, as the `CrmError` they
-    mean; `refused` makes the one for an address the policy refused at connect time."""
-    try:
-        yield
-    except TimeoutError:
-        raise  # an OSError too: the caller makes it CrmTimeout
-    except BodyTooLarge as exc:
-        raise CrmBadResponse(str(exc)) from exc  # our words, with the limit: no CRM bytes
-    except BrokenBody as exc:
-        raise CrmBadResponse("broken HTTP body") from exc
-    except ProtocolError as exc:
+def _crm_error(exc: Exception, refused: Callable[[AddressRefused], CrmError]) -> CrmError | None:
+    """The `CrmError` the HTTP client's or the socket's `exc` means, or None for one to raise
+    as it is (a TimeoutError: the caller makes it CrmTimeout; anything not of the client's).
+    `refused` makes the error for an address the policy refused at connect time. (A function
+    the except clause calls, not a context manager: this runs on every lookup.)"""
+    if isinstance(exc, TimeoutError):
+        return None  # an OSError too
+    if isinstance(exc, BodyTooLarge):
+        return CrmBadResponse(str(exc))  # our words, with the limit: no CRM bytes
+    if isinstance(exc, BrokenBody):
+        return CrmBadResponse("broken HTTP body")
+    if isinstance(exc, ProtocolError):
         # A status line or headers that are not HTTP: the peer answered, badly.
-        raise CrmBadResponse("not a valid HTTP answer") from exc
-    except NameNotResolved as exc:
+        return CrmBadResponse("not a valid HTTP answer")
+    if isinstance(exc, NameNotResolved):
         if isinstance(exc.__cause__, AddressRefused):
-            raise refused(exc.__cause__) from exc
-        raise CrmUnreachable(f"cannot connect: {type(exc).__name__}") from exc
-    except (HttpClientError, OSError) as exc:
+            return refused(exc.__cause__)
+        return CrmUnreachable(f"cannot connect: {type(exc).__name__}")
+    if isinstance(exc, HttpClientError | OSError):
         # ConnectFailed, TlsFailed, ConnectionLost (OSErrors too), and what the resolver or
         # the socket raised on their own.
-        raise CrmUnreachable(f"connection failed: {type(exc).__name__}") from exc
+        return CrmUnreachable(f"connection failed: {type(exc).__name__}")
+    return None
 
 
 def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
