@@ -30,18 +30,7 @@ async def done_within(future: asyncio.Future[Any], seconds: float) -> bool:
     The future is left as it is either way (not cancelled, its result not taken). A
     cancellation of the caller propagates, and also leaves the future alone.
     """
-    if future.done():
-        return True
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    wake = waker(waiter)
-    future.add_done_callback(wake)
-    timer = loop.call_later(seconds, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        future.remove_done_callback(wake)
+    await first_done((future,), seconds)
     return future.done()
 
 
